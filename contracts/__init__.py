@@ -1,0 +1,47 @@
+"""coleta's bus contracts: every message on NATS is one of these msgspec Structs, as JSON."""
+
+from contracts._base import UtcDatetime, WireStruct, decoder, encode
+from contracts.commands import CollectCommand, Trigger
+from contracts.payloads import FetchFailed, FetchStarted, RawPayload, RunEvent
+from contracts.service import (
+    ComponentHealth,
+    ErrorDetail,
+    ErrorReply,
+    HealthReply,
+    RunInfo,
+    RunsReply,
+    RunsRequest,
+    RunStatus,
+    SourceStatus,
+    StatusReply,
+    TriggerReply,
+    TriggerRequest,
+)
+from contracts.subjects import DEFAULT_PREFIX, Subjects
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "CollectCommand",
+    "ComponentHealth",
+    "ErrorDetail",
+    "ErrorReply",
+    "FetchFailed",
+    "FetchStarted",
+    "HealthReply",
+    "RawPayload",
+    "RunEvent",
+    "RunInfo",
+    "RunStatus",
+    "RunsReply",
+    "RunsRequest",
+    "SourceStatus",
+    "StatusReply",
+    "Subjects",
+    "Trigger",
+    "TriggerReply",
+    "TriggerRequest",
+    "UtcDatetime",
+    "WireStruct",
+    "decoder",
+    "encode",
+]

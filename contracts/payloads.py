@@ -1,0 +1,61 @@
+"""Run events on ``<prefix>.raw.<source>``: what the fetcher saw, for the writer to persist.
+
+One subject carries three kinds, told apart by the ``kind`` tag, so the writer sees a run's
+events in the order the fetcher published them.
+"""
+
+from __future__ import annotations
+
+from contracts._base import UtcDatetime, WireStruct
+from contracts.commands import Trigger
+
+__all__ = ["FetchFailed", "FetchStarted", "RawPayload", "RunEvent"]
+
+
+class _RunEventBase(WireStruct, frozen=True, kw_only=True, tag_field="kind"):
+    run_id: str
+    source: str
+    trigger: Trigger = "schedule"
+    scheduled_for: UtcDatetime
+    #: Delivery attempt of the command that produced this event (1 = first).
+    attempt: int = 1
+
+
+class FetchStarted(_RunEventBase, frozen=True, kw_only=True, tag="started"):
+    """The fetcher took the command and is about to send the request."""
+
+    started_at: UtcDatetime
+
+
+class RawPayload(_RunEventBase, frozen=True, kw_only=True, tag="page"):
+    """One HTTP response body, exactly as received, with what is needed to store it."""
+
+    page: int = 0
+    #: True on the run's final page; the writer then marks the run ``stored``.
+    last: bool = True
+    fetched_at: UtcDatetime
+    #: Request URL with credentials and key-bearing query parameters redacted.
+    url: str
+    method: str = "GET"
+    status_code: int
+    #: Response headers (credentials redacted).
+    headers: dict[str, str] = {}
+    content_type: str | None = None
+    body: bytes
+    elapsed_ms: float = 0.0
+    #: Bytes of this run so far, this page included (idempotent: the writer keeps the maximum).
+    run_bytes: int = 0
+
+
+class FetchFailed(_RunEventBase, frozen=True, kw_only=True, tag="failed"):
+    """The run failed for good: the writer marks it ``failed`` with this reason."""
+
+    failed_at: UtcDatetime
+    #: Stable machine-readable reason, e.g. ``http_status``, ``timeout``, ``connect``.
+    error_code: str
+    error: str
+    http_status: int | None = None
+    url: str | None = None
+
+
+RunEvent = FetchStarted | RawPayload | FetchFailed

@@ -1,0 +1,113 @@
+"""Requests and replies of the request-reply service (``<prefix>.status`` …).
+
+Requests are lenient about what they accept (a bare source name is a trigger request), replies
+are strict about what they send. Errors travel as ``ErrorReply`` bodies together with the NATS
+micro ``Nats-Service-Error`` / ``Nats-Service-Error-Code`` headers.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from contracts._base import UtcDatetime, WireStruct
+from contracts.commands import Trigger
+
+__all__ = [
+    "ComponentHealth",
+    "ErrorDetail",
+    "ErrorReply",
+    "HealthReply",
+    "RunInfo",
+    "RunStatus",
+    "RunsReply",
+    "RunsRequest",
+    "SourceStatus",
+    "StatusReply",
+    "TriggerReply",
+    "TriggerRequest",
+]
+
+#: Life of a run: queued → fetching → stored | failed.
+RunStatus = Literal["queued", "fetching", "stored", "failed"]
+
+
+class TriggerRequest(WireStruct, frozen=True, kw_only=True):
+    """Run ``source`` now; ``scheduled_for`` sets the slot the run is for (default: now)."""
+
+    source: str
+    scheduled_for: UtcDatetime | None = None
+
+
+class TriggerReply(WireStruct, frozen=True, kw_only=True):
+    run_id: str
+    source: str
+    scheduled_for: UtcDatetime
+
+
+class RunsRequest(WireStruct, frozen=True, kw_only=True):
+    source: str | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 20
+
+
+class RunInfo(WireStruct, frozen=True, kw_only=True):
+    run_id: str
+    source: str
+    trigger: Trigger
+    scheduled_for: UtcDatetime
+    status: RunStatus
+    attempts: int = 0
+    pages: int = 0
+    rows: int = 0
+    bytes: int = 0
+    http_status: int | None = None
+    error: str | None = None
+    trace_id: str | None = None
+    queued_at: UtcDatetime | None = None
+    started_at: UtcDatetime | None = None
+    finished_at: UtcDatetime | None = None
+
+
+class RunsReply(WireStruct, frozen=True, kw_only=True):
+    runs: list[RunInfo]
+
+
+class ComponentHealth(WireStruct, frozen=True, kw_only=True):
+    ok: bool
+    detail: str = ""
+
+
+class SourceStatus(WireStruct, frozen=True, kw_only=True):
+    name: str
+    schedule: str
+    timezone: str
+    next_run: UtcDatetime | None = None
+    last_run: RunInfo | None = None
+    consecutive_failures: int = 0
+    rows: int = 0
+
+
+class StatusReply(WireStruct, frozen=True, kw_only=True):
+    version: str
+    uptime_s: float
+    bus: ComponentHealth
+    database: ComponentHealth
+    sources: list[SourceStatus]
+
+
+class HealthReply(WireStruct, frozen=True, kw_only=True):
+    status: Literal["ok", "degraded"]
+    #: Why the daemon is degraded; empty when ok.
+    reason: str = ""
+    checks: dict[str, ComponentHealth] = {}
+
+
+class ErrorDetail(WireStruct, frozen=True, kw_only=True):
+    #: Stable code: ``bad_request``, ``unknown_source``, ``unavailable``, ``internal``.
+    code: str
+    message: str
+
+
+class ErrorReply(WireStruct, frozen=True, kw_only=True):
+    error: ErrorDetail

@@ -1,0 +1,79 @@
+"""Subject, stream and consumer names in one place.
+
+Everything hangs off one prefix (``coleta`` by default) so that several deployments, or several
+tests, can share a NATS server without seeing each other's messages.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+__all__ = ["DEFAULT_PREFIX", "Subjects"]
+
+DEFAULT_PREFIX = "coleta"
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """Names derived from one prefix: ``coleta.collect.<source>``, ``COLETA_RAW`` …"""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not _PREFIX_RE.match(self.prefix):
+            raise ValueError(f"bus prefix must match [a-z][a-z0-9_]*, got {self.prefix!r}")
+
+    # -- work streams: tick → command → fetch → raw payload → write
+    def collect(self, source: str) -> str:
+        return f"{self.prefix}.collect.{source}"
+
+    def raw(self, source: str) -> str:
+        return f"{self.prefix}.raw.{source}"
+
+    @property
+    def collect_all(self) -> str:
+        return f"{self.prefix}.collect.>"
+
+    @property
+    def raw_all(self) -> str:
+        return f"{self.prefix}.raw.>"
+
+    @property
+    def collect_stream(self) -> str:
+        return f"{self.prefix.upper()}_COLLECT"
+
+    @property
+    def raw_stream(self) -> str:
+        return f"{self.prefix.upper()}_RAW"
+
+    # durable consumers (names are per stream, so they need no prefix)
+    fetcher_consumer: ClassVar[str] = "fetcher"
+    runs_consumer: ClassVar[str] = "runs"
+    writer_consumer: ClassVar[str] = "writer"
+
+    # -- request-reply service
+    @property
+    def service_name(self) -> str:
+        return self.prefix
+
+    def endpoint(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    @property
+    def status(self) -> str:
+        return self.endpoint("status")
+
+    @property
+    def trigger(self) -> str:
+        return self.endpoint("trigger")
+
+    @property
+    def runs(self) -> str:
+        return self.endpoint("runs")
+
+    @property
+    def health(self) -> str:
+        return self.endpoint("health")

@@ -1,0 +1,230 @@
+"""The bus: connect to NATS, declare streams and durable consumers, publish, pull.
+
+Streams and consumers are declared idempotently at start-up, so every replica (and every
+restart) can run the same code. Known nats-py behaviour handled here (see STACK-NOTES):
+an empty fetch raises either ``nats.errors.TimeoutError`` or a bare ``asyncio.TimeoutError``;
+``drain()`` blocks after a timed-out fetch, so we unsubscribe pull subscriptions and close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import anyio
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    PubAck,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from contracts import Subjects, encode
+from daemon import _tracing
+from daemon._logging import get_logger
+from daemon.errors import TransientError
+
+__all__ = ["Bus", "BusOptions", "PullSubscription", "message_trace_id"]
+
+log = get_logger("bus")
+
+PullSubscription = JetStreamContext.PullSubscription
+
+#: Pull waits are short so a stalled fetch (nats.py #933/#986) costs at most this long.
+FETCH_WAIT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class BusOptions:
+    """Stream and consumer settings taken from the daemon settings."""
+
+    max_age_s: float
+    duplicate_window_s: float
+    fetcher_ack_wait_s: float = 60.0
+    writer_ack_wait_s: float = 60.0
+    max_deliver: int = 50
+    replicas: int = 1
+
+
+def message_trace_id(headers: Mapping[str, str] | None) -> str | None:
+    """The trace id carried by a message's W3C ``traceparent`` header."""
+    if not headers:
+        return None
+    for key, value in headers.items():
+        if key.lower() == "traceparent":
+            parts = value.split("-")
+            if len(parts) >= 3 and len(parts[1]) == 32 and parts[1] != "0" * 32:
+                return parts[1]
+    return None
+
+
+class Bus:
+    """A connected NATS client with coleta's streams declared."""
+
+    def __init__(self, nc: Client, subjects: Subjects, options: BusOptions) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.subjects = subjects
+        self.options = options
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls, url: str, subjects: Subjects, options: BusOptions, *, connect_timeout_s: float = 60.0
+    ) -> AsyncIterator[Bus]:
+        """Connect (retrying while the server is not up yet), declare, yield, close."""
+        nc = await _connect(url, connect_timeout_s)
+        try:
+            bus = cls(nc, subjects, options)
+            await bus.declare()
+            yield bus
+        finally:
+            with anyio.CancelScope(shield=True):
+                # close(), not drain(): drain blocks for its whole timeout after a fetch timed out.
+                await nc.close()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    @property
+    def max_payload(self) -> int:
+        return int(self.nc.max_payload)
+
+    async def declare(self) -> None:
+        """Create or update the streams and durable consumers (idempotent)."""
+        s, o = self.subjects, self.options
+        for name, subject in ((s.collect_stream, s.collect_all), (s.raw_stream, s.raw_all)):
+            await self._ensure_stream(
+                StreamConfig(
+                    name=name,
+                    subjects=[subject],
+                    retention=RetentionPolicy.LIMITS,
+                    storage=StorageType.FILE,
+                    max_age=o.max_age_s,
+                    duplicate_window=o.duplicate_window_s,
+                    num_replicas=o.replicas,
+                )
+            )
+        await self._ensure_consumer(s.collect_stream, s.fetcher_consumer, o.fetcher_ack_wait_s, 256)
+        await self._ensure_consumer(s.collect_stream, s.runs_consumer, o.writer_ack_wait_s, 10_000)
+        await self._ensure_consumer(s.raw_stream, s.writer_consumer, o.writer_ack_wait_s, 10_000)
+
+    async def _ensure_stream(self, config: StreamConfig) -> None:
+        assert config.name is not None
+        try:
+            await self.js.stream_info(config.name)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_stream(config)
+        else:
+            await self.js.update_stream(config)
+
+    async def _ensure_consumer(
+        self, stream: str, durable: str, ack_wait_s: float, max_ack_pending: int
+    ) -> None:
+        config = ConsumerConfig(
+            durable_name=durable,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait_s,
+            max_deliver=self.options.max_deliver,
+            max_ack_pending=max_ack_pending,
+        )
+        # Creating an existing durable with new settings updates it and keeps its position.
+        await self.js.add_consumer(stream, config)
+
+    async def publish(
+        self,
+        subject: str,
+        message: msgspec.Struct,
+        *,
+        msg_id: str,
+        source: str,
+        run_id: str,
+    ) -> PubAck:
+        """Publish a contract and wait for JetStream to accept it.
+
+        A producer span wraps the publish; its context travels in the message headers.
+        ``Nats-Msg-Id`` makes a re-publish of the same thing a no-op within the duplicate window.
+        """
+        payload = encode(message)
+        with _tracing.producer_span(
+            subject, source=source, run_id=run_id, message_id=msg_id, body_size=len(payload)
+        ):
+            headers = _tracing.inject({"Nats-Msg-Id": msg_id})
+            try:
+                return await self.js.publish(subject, payload, headers=headers)
+            except nats.errors.MaxPayloadError:
+                raise
+            except (TimeoutError, nats.errors.Error) as exc:
+                raise TransientError(f"publish to {subject} failed: {exc!r}") from exc
+
+    async def pull(self, stream: str, durable: str) -> PullSubscription:
+        return await self.js.pull_subscribe_bind(durable=durable, stream=stream)
+
+    async def fetch(
+        self, sub: PullSubscription, batch: int, wait_s: float = FETCH_WAIT_S
+    ) -> list[Msg]:
+        """Up to ``batch`` messages, or none after ``wait_s``; never raises on an empty stream."""
+        try:
+            return await sub.fetch(batch, timeout=wait_s)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return []
+        except nats.errors.ConnectionClosedError:
+            raise
+        except nats.errors.Error as exc:
+            # Reconnecting, or the server restarting: wait a moment and let the caller loop.
+            log.warning("bus.fetch_failed", extra={"error": str(exc) or type(exc).__name__})
+            await anyio.sleep(0.5)
+            return []
+
+    @staticmethod
+    async def unsubscribe(sub: PullSubscription) -> None:
+        with anyio.CancelScope(shield=True), contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+
+
+async def _connect(url: str, timeout_s: float) -> Client:
+    """Connect, retrying with backoff until ``timeout_s``: the server may be starting too."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("bus.error", extra={"error": str(exc) or type(exc).__name__})
+
+    async def on_disconnected() -> None:
+        log.warning("bus.disconnected")
+
+    async def on_reconnected() -> None:
+        log.info("bus.reconnected")
+
+    deadline = anyio.current_time() + timeout_s
+    delay = 0.2
+    while True:
+        try:
+            return await nats.connect(
+                url,
+                name="coleta",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                connect_timeout=5,
+                allow_reconnect=True,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            if anyio.current_time() + delay > deadline:
+                raise TransientError(f"cannot connect to NATS at {url}: {exc}") from exc
+            log.warning("bus.connect_retry", extra={"url": url, "error": str(exc), "in_s": delay})
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -1,0 +1,292 @@
+"""command → fetch → raw payload: take collect commands, call the API, publish what it said.
+
+A durable pull consumer feeds at most ``max_concurrent_fetches`` runs at once, each in its own
+named task. The command is acked only after JetStream has accepted the payload, so a crash at
+any point redelivers the command; the payload's ``Nats-Msg-Id`` and the writer's unique
+``(run_id, page)`` make the repeat harmless. A transient failure is handed back with ``nak``
+and a backoff delay — the worker is freed at once, no source waits behind another's retries.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import anyio
+import httpx
+import msgspec
+import nats.errors
+from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
+from opentelemetry import trace
+
+from contracts import CollectCommand, FetchFailed, FetchStarted, RawPayload, decoder
+from daemon import _tracing
+from daemon._bus import Bus
+from daemon._http import Fetched, backoff_s, build_request, send
+from daemon._logging import get_logger
+from daemon._template import Window
+from daemon.errors import FetchTransient, PermanentError, TransientError
+from daemon.settings import Settings, SourceConfig
+
+__all__ = ["Fetcher"]
+
+log = get_logger("fetcher")
+
+_decode_command = decoder(CollectCommand).decode
+#: Room kept for the payload's JSON envelope and headers within the NATS max payload.
+_ENVELOPE_BYTES = 16 * 1024
+
+
+class Fetcher:
+    """Consumes ``<prefix>.collect.>`` and publishes run events on ``<prefix>.raw.<source>``."""
+
+    def __init__(self, bus: Bus, http: httpx.AsyncClient, settings: Settings) -> None:
+        self._bus = bus
+        self._http = http
+        self._settings = settings
+        self._intake = anyio.CancelScope()
+        self._slots = anyio.Semaphore(settings.max_concurrent_fetches)
+        self.in_flight = 0
+        self._idle = anyio.Event()
+
+    def stop_intake(self) -> None:
+        """Take no new commands; runs already started go on."""
+        self._intake.cancel()
+
+    async def drain(self) -> None:
+        """Stop intake and wait until every run in hand is settled."""
+        self.stop_intake()
+        while self.in_flight:
+            self._idle = anyio.Event()
+            await self._idle.wait()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        subjects = self._bus.subjects
+        sub = await self._bus.pull(subjects.collect_stream, subjects.fetcher_consumer)
+        try:
+            async with anyio.create_task_group() as tg:
+                task_status.started()
+                with self._intake:
+                    while True:
+                        # Wait for a free slot, then ask for as many commands as there are slots.
+                        async with self._slots:
+                            free = self._slots.value + 1
+                            msgs = await self._bus.fetch(sub, free)
+                        for msg in msgs:
+                            await self._slots.acquire()
+                            tg.start_soon(self._handle, msg, name=f"fetcher-run-{msg.subject}")
+        finally:
+            await self._bus.unsubscribe(sub)
+
+    async def _handle(self, msg: Msg) -> None:
+        self.in_flight += 1
+        try:
+            await self._process(msg)
+        except anyio.get_cancelled_exc_class():
+            # Shutting down mid-run: hand the command back so the run is done after restart.
+            with anyio.CancelScope(shield=True):
+                await _settle(msg.nak)
+            raise
+        except Exception:
+            log.exception("fetch.crashed", extra={"subject": msg.subject})
+            with anyio.CancelScope(shield=True):
+                await _settle(lambda: msg.nak(delay=5))
+        finally:
+            self.in_flight -= 1
+            self._slots.release()
+            if not self.in_flight:
+                self._idle.set()
+
+    async def _process(self, msg: Msg) -> None:
+        try:
+            command = _decode_command(msg.data)
+        except msgspec.ValidationError as exc:
+            log.error("fetch.poison", extra={"subject": msg.subject, "error": str(exc)})
+            await msg.term()
+            return
+        attempt = msg.metadata.num_delivered if msg.reply else 1
+        consumer = self._bus.subjects.fetcher_consumer
+        with _tracing.consumer_span(
+            msg.subject,
+            msg.headers,
+            consumer=consumer,
+            source=command.source,
+            run_id=command.run_id,
+            message_id=command.run_id,
+            body_size=len(msg.data),
+        ):
+            source = self._settings.source(command.source)
+            if source is None:
+                await self._fail(command, attempt, "unknown_source", "source is not configured")
+                await msg.ack()
+                return
+            await self._publish(
+                command,
+                FetchStarted(
+                    run_id=command.run_id,
+                    source=command.source,
+                    trigger=command.trigger,
+                    scheduled_for=command.scheduled_for,
+                    attempt=attempt,
+                    started_at=datetime.now(UTC),
+                ),
+                msg_id=f"{command.run_id}/started/{attempt}",
+            )
+            try:
+                fetched = await self._fetch(source, command)
+            except FetchTransient as exc:
+                retries = source.retries
+                if attempt < retries.max_attempts:
+                    delay = exc.retry_after_s
+                    if delay is None:
+                        delay = backoff_s(attempt, cap_s=retries.max_backoff_s)
+                    log.warning(
+                        "fetch.retry",
+                        extra=_failure_fields(command, attempt, exc) | {"retry_in_s": delay},
+                    )
+                    await msg.nak(delay=delay)
+                    return
+                await self._fail(command, attempt, exc.code, str(exc), exc.status, exc.url)
+            except PermanentError as exc:
+                await self._fail(
+                    command,
+                    attempt,
+                    exc.code,
+                    str(exc),
+                    getattr(exc, "status", None),
+                    getattr(exc, "url", None),
+                )
+            else:
+                await self._publish(
+                    command, _payload(command, attempt, fetched), msg_id=f"{command.run_id}/p0"
+                )
+                log.info(
+                    "fetch.done",
+                    extra={
+                        "source": command.source,
+                        "run_id": command.run_id,
+                        "http_status": fetched.status_code,
+                        "bytes": len(fetched.body),
+                        "elapsed_ms": round(fetched.elapsed_ms, 1),
+                    },
+                )
+            await msg.ack()
+
+    async def _fetch(self, source: SourceConfig, command: CollectCommand) -> Fetched:
+        window = Window(
+            source=source.name,
+            run_id=command.run_id,
+            scheduled_for=command.scheduled_for,
+            interval_start=command.interval_start or source.cron.prev_before(command.scheduled_for),
+            tz=source.cron.tz,
+        )
+        request = build_request(self._http, source, window)
+        max_bytes = min(source.max_response_bytes, self._bus.max_payload - _ENVELOPE_BYTES)
+        with _tracing.tracer().start_as_current_span(
+            f"{request.method}",
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "http.request.method": request.method,
+                "url.full": _tracing.redact_url(str(request.url)),
+                "server.address": request.url.host,
+                _tracing.COLETA_SOURCE: source.name,
+                _tracing.COLETA_RUN_ID: command.run_id,
+            },
+        ) as span:
+            try:
+                fetched = await send(self._http, request, source=source.name, max_bytes=max_bytes)
+            except (TransientError, PermanentError) as exc:
+                status = getattr(exc, "status", None)
+                if status is not None:
+                    span.set_attribute("http.response.status_code", status)
+                span.set_attribute("error.type", exc.code)
+                raise
+            span.set_attribute("http.response.status_code", fetched.status_code)
+            span.set_attribute("http.response.body.size", len(fetched.body))
+            return fetched
+
+    async def _fail(
+        self,
+        command: CollectCommand,
+        attempt: int,
+        code: str,
+        error: str,
+        http_status: int | None = None,
+        url: str | None = None,
+    ) -> None:
+        log.error(
+            "fetch.failed",
+            extra={
+                "source": command.source,
+                "run_id": command.run_id,
+                "attempt": attempt,
+                "http_status": http_status,
+                "error_code": code,
+                "error": error,
+            },
+        )
+        event = FetchFailed(
+            run_id=command.run_id,
+            source=command.source,
+            trigger=command.trigger,
+            scheduled_for=command.scheduled_for,
+            attempt=attempt,
+            failed_at=datetime.now(UTC),
+            error_code=code,
+            error=error,
+            http_status=http_status,
+            url=url,
+        )
+        await self._publish(command, event, msg_id=f"{command.run_id}/failed")
+
+    async def _publish(
+        self, command: CollectCommand, event: msgspec.Struct, *, msg_id: str
+    ) -> None:
+        await self._bus.publish(
+            self._bus.subjects.raw(command.source),
+            event,
+            msg_id=msg_id,
+            source=command.source,
+            run_id=command.run_id,
+        )
+
+
+def _payload(command: CollectCommand, attempt: int, fetched: Fetched) -> RawPayload:
+    return RawPayload(
+        run_id=command.run_id,
+        source=command.source,
+        trigger=command.trigger,
+        scheduled_for=command.scheduled_for,
+        attempt=attempt,
+        page=0,
+        last=True,
+        fetched_at=datetime.now(UTC),
+        url=fetched.url,
+        status_code=fetched.status_code,
+        headers=fetched.headers,
+        content_type=fetched.content_type,
+        body=fetched.body,
+        elapsed_ms=fetched.elapsed_ms,
+        run_bytes=len(fetched.body),
+    )
+
+
+def _failure_fields(
+    command: CollectCommand, attempt: int, exc: FetchTransient
+) -> dict[str, object]:
+    return {
+        "source": command.source,
+        "run_id": command.run_id,
+        "attempt": attempt,
+        "http_status": exc.status,
+        "error_code": exc.code,
+        "error": str(exc),
+    }
+
+
+async def _settle(action: object) -> None:
+    """Ack/nak without letting a dead connection turn shutdown into a crash."""
+    try:
+        await action()  # type: ignore[operator]
+    except (nats.errors.Error, OSError) as exc:
+        log.warning("fetch.settle_failed", extra={"error": str(exc) or type(exc).__name__})

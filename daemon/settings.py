@@ -1,0 +1,244 @@
+"""Configuration: a TOML file decoded and validated with msgspec, plus environment overrides.
+
+Unknown keys are errors here (a typo in a config file must not pass silently), unlike on the
+wire. Every error names the key path and the bad value, e.g.
+``sources[1].schedule: invalid cron expression '61 * * * *'``.
+
+Environment: ``NATS_URL``, ``DATABASE_URL`` and ``LOG_LEVEL`` override the file. With no config
+file, ``EXTERNAL_API_URL`` (+ ``EXTERNAL_API_KEY`` sent as a Bearer token, ``SCHEDULE_HOUR``)
+defines one source named ``external_api`` that runs daily at that hour (the original setup).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from contracts import DEFAULT_PREFIX
+from daemon._schedule import Schedule, check_cron, check_timezone
+from daemon._template import check_template, check_value
+from daemon.errors import ConfigError
+
+__all__ = ["SECONDS", "Retries", "Settings", "SourceConfig", "load_settings", "parse_settings"]
+
+SECONDS = 1.0
+MINUTES = 60 * SECONDS
+MIB = 1024 * 1024
+
+_NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Retries(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Retry policy for transient failures (connection errors, timeouts, 429, 5xx)."""
+
+    #: Attempts in all, the first included.
+    max_attempts: PositiveInt = 3
+    #: Cap of the exponential backoff (full jitter) between attempts.
+    max_backoff_s: PositiveFloat = 5 * MINUTES
+
+
+class SourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One HTTP API to collect on a schedule."""
+
+    name: str
+    url: str
+    schedule: str
+    timezone: str = "UTC"
+    method: Method = "GET"
+    headers: dict[str, str] = {}
+    params: dict[str, str] = {}
+    #: Request body for POST/PUT/PATCH: a TOML table is sent as JSON, a string as is.
+    body: str | dict[str, Any] | None = None
+    timeout_s: PositiveFloat = 30 * SECONDS
+    enabled: bool = True
+    retries: Retries = msgspec.field(default_factory=Retries)
+    #: A larger response fails the run with ``response_too_large``; nothing is stored.
+    max_response_bytes: PositiveInt = 64 * MIB
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise ValueError(f"name: {self.name!r} must match [a-z0-9_-]+")
+        _field("schedule", check_cron, self.schedule)
+        _field("timezone", check_timezone, self.timezone)
+        _field("url", check_template, self.url)
+        if not re.match(r"^https?://", self.url):
+            raise ValueError(f"url: {self.url!r} must start with http:// or https://")
+        for key, value in self.params.items():
+            _field(f"params.{key}", check_template, value)
+        if self.body is not None:
+            if self.method in ("GET", "HEAD", "DELETE"):
+                raise ValueError(f"body: a body needs method POST, PUT or PATCH, not {self.method}")
+            _field("body", check_value, self.body)
+
+    @property
+    def cron(self) -> Schedule:
+        return Schedule.parse(self.schedule, self.timezone)
+
+
+def _field(name: str, check: Any, value: Any) -> None:
+    try:
+        check(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything the daemon needs; built once, validated when built."""
+
+    sources: list[SourceConfig] = []
+    #: ``nats://…``; unset → an embedded nats-server under ``state_dir``.
+    nats_url: str | None = None
+    #: libpq URL; unset → an embedded PostgreSQL under ``state_dir``.
+    database_url: str | None = None
+    state_dir: str = ".coleta"
+    log_level: str = "INFO"
+    #: Prefix of every subject and stream, so deployments can share a NATS server.
+    bus_prefix: str = DEFAULT_PREFIX
+    #: PostgreSQL schema holding coleta's tables.
+    database_schema: str = "public"
+    max_concurrent_fetches: PositiveInt = 8
+    #: How long a SIGTERM waits for in-flight work before handing it back.
+    shutdown_grace_s: PositiveFloat = 10 * SECONDS
+    writer_batch_size: PositiveInt = 256
+    #: How long JetStream keeps commands and payloads (and de-duplicates run ids).
+    stream_max_age_s: PositiveFloat = 7 * 24 * 60 * MINUTES
+    duplicate_window_s: PositiveFloat = 60 * MINUTES
+
+    def __post_init__(self) -> None:
+        seen: dict[str, int] = {}
+        for i, source in enumerate(self.sources):
+            if source.name in seen:
+                raise ValueError(
+                    f"sources[{i}].name: duplicate source name {source.name!r}"
+                    f" (first defined at sources[{seen[source.name]}])"
+                )
+            seen[source.name] = i
+        if self.log_level.upper() not in _LEVELS:
+            raise ValueError(f"log_level: {self.log_level!r} is not one of {', '.join(_LEVELS)}")
+        if not re.match(r"^[a-z][a-z0-9_]*$", self.bus_prefix):
+            raise ValueError(f"bus_prefix: {self.bus_prefix!r} must match [a-z][a-z0-9_]*")
+        if not re.match(r"^[a-z_][a-z0-9_]*$", self.database_schema):
+            raise ValueError(
+                f"database_schema: {self.database_schema!r} must match [a-z_][a-z0-9_]*"
+            )
+        if self.duplicate_window_s > self.stream_max_age_s:
+            raise ValueError(
+                f"duplicate_window_s: {self.duplicate_window_s} must not exceed"
+                f" stream_max_age_s ({self.stream_max_age_s})"
+            )
+
+    def source(self, name: str) -> SourceConfig | None:
+        for source in self.sources:
+            if source.name == name:
+                return source
+        return None
+
+
+_PATH_RE = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$", re.S)
+
+
+_MISSING = object()
+
+
+def _lookup(data: Any, path: str) -> Any:
+    """The value at a msgspec error path like ``sources[0].timeout_s``, if present."""
+    for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path):
+        try:
+            data = data[int(index)] if index else data[name]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return data
+
+
+def _explain(exc: msgspec.ValidationError, origin: str, data: Any) -> ConfigError:
+    """Turn msgspec's ``msg - at `$.a[0]` `` into ``origin: a[0].field: msg (got value)``."""
+    text = str(exc)
+    match = _PATH_RE.match(text)
+    if match is None:
+        return ConfigError(f"{origin}: {text}")
+    path, msg = match["path"].lstrip("."), match["msg"]
+    unknown = re.match(r"Object contains unknown field `(?P<key>[^`]+)`", msg)
+    if unknown:
+        key = f"{path}.{unknown['key']}" if path else unknown["key"]
+        return ConfigError(f"{origin}: {key}: unknown key")
+    inner = re.match(r"^(?P<field>[a-z_][a-z0-9_.]*): (?P<rest>.*)$", msg, re.S)
+    if inner and not msg.startswith(("Expected", "Object")):
+        field = f"{path}.{inner['field']}" if path else inner["field"]
+        return ConfigError(f"{origin}: {field}: {inner['rest']}")
+    value = _lookup(data, path)
+    got = "" if value is _MISSING or msg.startswith("Object missing") else f" (got {value!r})"
+    if ", got" in msg or (got and repr(value) in msg):
+        got = ""
+    return ConfigError(f"{origin}: {path or '(top level)'}: {msg}{got}")
+
+
+def parse_settings(data: Mapping[str, Any], origin: str = "config") -> Settings:
+    """Validate a decoded config mapping."""
+    try:
+        return msgspec.convert(dict(data), Settings)
+    except msgspec.ValidationError as exc:
+        raise _explain(exc, origin, data) from None
+
+
+def _legacy_source(env: Mapping[str, str]) -> dict[str, Any] | None:
+    url = env.get("EXTERNAL_API_URL")
+    if not url:
+        return None
+    hour_text = env.get("SCHEDULE_HOUR", "0")
+    try:
+        hour = int(hour_text)
+    except ValueError:
+        hour = -1
+    if not 0 <= hour <= 23:
+        raise ConfigError(f"SCHEDULE_HOUR: {hour_text!r} must be an hour from 0 to 23")
+    source: dict[str, Any] = {"name": "external_api", "url": url, "schedule": f"0 {hour} * * *"}
+    if key := env.get("EXTERNAL_API_KEY"):
+        source["headers"] = {"Authorization": f"Bearer {key}"}
+    return source
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read ``path`` (or ``$COLETA_CONFIG``), apply the environment, validate."""
+    env = os.environ if env is None else env
+    path = path or env.get("COLETA_CONFIG") or None
+    data: dict[str, Any] = {}
+    origin = "environment"
+    if path is not None:
+        origin = str(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{origin}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{origin}: cannot read: {exc.strerror}") from None
+    else:
+        legacy = _legacy_source(env)
+        if legacy is None:
+            raise ConfigError(
+                "no configuration: pass --config FILE, set COLETA_CONFIG, "
+                "or set EXTERNAL_API_URL (with SCHEDULE_HOUR) for a single daily source"
+            )
+        data["sources"] = [legacy]
+    for var, key in (
+        ("NATS_URL", "nats_url"),
+        ("DATABASE_URL", "database_url"),
+        ("LOG_LEVEL", "log_level"),
+        ("COLETA_STATE_DIR", "state_dir"),
+    ):
+        if value := env.get(var):
+            data[key] = value
+    return parse_settings(data, origin)

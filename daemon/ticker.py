@@ -1,0 +1,108 @@
+"""tick → command: publish a collect command when a source's slot is due.
+
+Next fire times come from each source's cron schedule in its timezone (``_schedule``), kept in
+a heap so thousands of sources cost one timer. Each slot's run id is deterministic
+(``<source>@<UTC slot>``) and is the ``Nats-Msg-Id``: a second ticker (another replica, or this
+one after a restart) publishing the same slot makes one run, not two.
+"""
+
+from __future__ import annotations
+
+import heapq
+from datetime import datetime, timedelta
+
+import anyio
+from anyio.abc import TaskStatus
+
+from daemon._bus import Bus
+from daemon._clock import Clock
+from daemon._logging import get_logger
+from daemon._queue import queue_run
+from daemon._schedule import run_id_for
+from daemon.errors import TransientError
+from daemon.settings import Settings, SourceConfig
+
+__all__ = ["Ticker"]
+
+log = get_logger("ticker")
+
+#: How soon a slot whose command the bus refused is tried again.
+_RETRY_S = 2.0
+
+
+class Ticker:
+    """Publishes one command per due slot of every enabled source."""
+
+    def __init__(self, bus: Bus, settings: Settings, clock: Clock) -> None:
+        self._bus = bus
+        self._settings = settings
+        self._clock = clock
+        #: (when to act, source name, slot): ``when`` differs from the slot only on a retry.
+        self._heap: list[tuple[datetime, str, datetime]] = []
+        self.ticks = 0
+        self._scope = anyio.CancelScope()
+
+    def stop(self) -> None:
+        """Publish nothing more."""
+        self._scope.cancel()
+
+    def next_runs(self) -> dict[str, datetime]:
+        """Each scheduled source's next fire time."""
+        return {name: slot for _, name, slot in self._heap}
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        with self._scope:
+            await self._run(task_status)
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
+        now = self._clock.now()
+        self._heap = []
+        for configured in self._settings.sources:
+            if configured.enabled:
+                slot = configured.cron.next_after(now)
+                self._heap.append((slot, configured.name, slot))
+        heapq.heapify(self._heap)
+        task_status.started()
+        while self._heap:
+            await self._clock.sleep_until(self._heap[0][0])
+            now = self._clock.now()
+            while self._heap and self._heap[0][0] <= now:
+                _, name, slot = heapq.heappop(self._heap)
+                source = self._settings.source(name)
+                if source is None or not source.enabled:
+                    continue
+                if await self._tick(source, slot, now):
+                    nxt = self._following(source, slot, now)
+                    heapq.heappush(self._heap, (nxt, name, nxt))
+                else:
+                    retry_at = now + timedelta(seconds=_RETRY_S)
+                    heapq.heappush(self._heap, (retry_at, name, slot))
+        await anyio.sleep_forever()
+
+    @staticmethod
+    def _following(source: SourceConfig, slot: datetime, now: datetime) -> datetime:
+        """The next slot to wait for; slots that already passed while late are not replayed."""
+        nxt = source.cron.next_after(slot)
+        if nxt <= now:
+            nxt = source.cron.next_after(now)
+        return nxt
+
+    async def _tick(self, source: SourceConfig, slot: datetime, now: datetime) -> bool:
+        """Queue the slot's run; False when the bus refused it (retried shortly)."""
+        run_id = run_id_for(source.name, slot)
+        lateness_s = (now - slot).total_seconds()
+        try:
+            await queue_run(self._bus, source, slot, run_id=run_id, trigger="schedule", now=now)
+        except TransientError as exc:
+            # The bus is down: JetStream de-duplicates, so retrying this slot later is safe.
+            log.error(
+                "tick.publish_failed",
+                extra={"source": source.name, "run_id": run_id, "error": str(exc)},
+            )
+            return False
+        self.ticks += 1
+        log.info(
+            "tick.queued",
+            extra={"source": source.name, "run_id": run_id, "lateness_s": round(lateness_s, 3)},
+        )
+        return True

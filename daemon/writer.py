@@ -1,0 +1,393 @@
+"""raw payload → write → Postgres: persist run events in batches, idempotently.
+
+Two durable consumers feed the writer: ``runs`` on the command stream records each run as
+``queued`` the moment it is asked for, and ``writer`` on the raw stream stores payloads and run
+outcomes. Each batch is one transaction — rows inserted with ``ON CONFLICT (run_id, page) DO
+NOTHING`` and the runs' records updated alongside — and messages are acked only after commit.
+A replayed message therefore inserts nothing twice, and a crash before the ack only replays.
+
+A batch that PostgreSQL rejects is retried one message per transaction, so one bad row cannot
+sink the others; the bad one's run is marked ``failed`` with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import anyio
+import msgspec
+import nats.errors
+import psycopg
+from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
+
+from contracts import CollectCommand, FetchFailed, FetchStarted, RawPayload, RunEvent, decoder
+from daemon import _tracing
+from daemon._bus import Bus, PullSubscription, message_trace_id
+from daemon._db import Database
+from daemon._logging import get_logger
+from daemon.errors import StoreUnavailable
+
+__all__ = ["Writer", "split_body"]
+
+log = get_logger("writer")
+
+_event_decoder: msgspec.json.Decoder[RunEvent] = msgspec.json.Decoder(RunEvent)
+_decode_event = _event_decoder.decode
+_decode_command = decoder(CollectCommand).decode
+
+#: How long a batch waits to be retried while PostgreSQL is unreachable.
+_STORE_RETRY_S = 2.0
+
+INSERT_DATA = """
+INSERT INTO collected_data
+    (run_id, source, page, scheduled_for, collected_at, http_status, content_type, data, body)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)
+ON CONFLICT (run_id, page) DO NOTHING
+"""
+
+# Status only moves forward: queued → fetching → stored | failed; a terminal status stays.
+UPSERT_RUN = """
+INSERT INTO collection_runs AS r
+    (run_id, source, trigger, scheduled_for, status, attempts, pages, rows, bytes,
+     http_status, error_code, error, trace_id, queued_at, started_at, finished_at)
+VALUES (%(run_id)s, %(source)s, %(trigger)s, %(scheduled_for)s, %(status)s, %(attempts)s,
+        %(pages)s, %(rows)s, %(bytes)s, %(http_status)s, %(error_code)s, %(error)s,
+        %(trace_id)s, %(queued_at)s, %(started_at)s, %(finished_at)s)
+ON CONFLICT (run_id) DO UPDATE SET
+    status = CASE
+        WHEN r.status IN ('stored', 'failed') THEN r.status
+        WHEN EXCLUDED.status = 'queued' THEN r.status
+        ELSE EXCLUDED.status END,
+    attempts    = GREATEST(r.attempts, EXCLUDED.attempts),
+    pages       = GREATEST(r.pages, EXCLUDED.pages),
+    rows        = GREATEST(r.rows, EXCLUDED.rows),
+    bytes       = GREATEST(r.bytes, EXCLUDED.bytes),
+    http_status = CASE WHEN r.status IN ('stored', 'failed') THEN r.http_status
+                       ELSE COALESCE(EXCLUDED.http_status, r.http_status) END,
+    error_code  = CASE WHEN r.status IN ('stored', 'failed') THEN r.error_code
+                       ELSE EXCLUDED.error_code END,
+    error       = CASE WHEN r.status IN ('stored', 'failed') THEN r.error
+                       ELSE EXCLUDED.error END,
+    trace_id    = COALESCE(r.trace_id, EXCLUDED.trace_id),
+    queued_at   = COALESCE(r.queued_at, EXCLUDED.queued_at),
+    started_at  = COALESCE(r.started_at, EXCLUDED.started_at),
+    finished_at = COALESCE(r.finished_at, EXCLUDED.finished_at),
+    updated_at  = now()
+"""
+
+_JSON_START = re.compile(rb"^\s*[\[{]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def split_body(content_type: str | None, body: bytes) -> tuple[str | None, bytes | None]:
+    """Where a body goes: ``(json_text, None)`` for the ``data`` jsonb column, else
+    ``(None, body)`` for ``body`` bytea, byte for byte.
+
+    JSON is recognised by its content type, or by its first character when the type says
+    nothing more specific. JSON that jsonb cannot hold (``\\u0000``, a lone surrogate, invalid
+    UTF-8) goes to ``body`` too: stored as received, never dropped or altered.
+    """
+    if not body:
+        return None, body
+    ctype = (content_type or "").lower()
+    if "json" not in ctype and not (
+        (not ctype or ctype.startswith("text/plain")) and _JSON_START.match(body)
+    ):
+        return None, body
+    try:
+        value = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None, body
+    if b"\\u0000" in body:
+        return None, body
+    if _SURROGATE_ESCAPE.search(body):
+        try:
+            msgspec.json.encode(value).decode("utf-8", "strict").encode("utf-8", "strict")
+        except UnicodeError:
+            return None, body
+    try:
+        return body.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return None, body
+
+
+@dataclass(slots=True)
+class _Item:
+    """One decoded message with what the batch will write for it."""
+
+    msg: Msg
+    data_row: tuple[Any, ...] | None
+    run_row: dict[str, Any]
+    span: Span | None = None
+
+
+def _run_row(**fields: Any) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(
+        (
+            "attempts",
+            "pages",
+            "rows",
+            "bytes",
+            "http_status",
+            "error_code",
+            "error",
+            "trace_id",
+            "queued_at",
+            "started_at",
+            "finished_at",
+        )
+    )
+    row.update(attempts=0, pages=0, rows=0, bytes=0)
+    row.update(fields)
+    return row
+
+
+def _item_for_command(msg: Msg) -> _Item:
+    cmd = _decode_command(msg.data)
+    run = _run_row(
+        run_id=cmd.run_id,
+        source=cmd.source,
+        trigger=cmd.trigger,
+        scheduled_for=cmd.scheduled_for,
+        status="queued",
+        trace_id=message_trace_id(msg.headers),
+        queued_at=cmd.requested_at,
+    )
+    return _Item(msg, None, run)
+
+
+def _item_for_event(msg: Msg) -> _Item:
+    event = _decode_event(msg.data)
+    common = {
+        "run_id": event.run_id,
+        "source": event.source,
+        "trigger": event.trigger,
+        "scheduled_for": event.scheduled_for,
+        "attempts": event.attempt,
+        "trace_id": message_trace_id(msg.headers),
+    }
+    if isinstance(event, FetchStarted):
+        return _Item(msg, None, _run_row(**common, status="fetching", started_at=event.started_at))
+    if isinstance(event, FetchFailed):
+        run = _run_row(
+            **common,
+            status="failed",
+            http_status=event.http_status,
+            error_code=event.error_code,
+            error=event.error,
+            finished_at=event.failed_at,
+        )
+        return _Item(msg, None, run)
+    assert isinstance(event, RawPayload)
+    data, body = split_body(event.content_type, event.body)
+    row = (
+        event.run_id,
+        event.source,
+        event.page,
+        event.scheduled_for,
+        event.fetched_at,
+        event.status_code,
+        event.content_type,
+        data,
+        body,
+    )
+    run = _run_row(
+        **common,
+        status="stored" if event.last else "fetching",
+        pages=event.page + 1,
+        rows=event.page + 1,
+        bytes=event.run_bytes,
+        http_status=event.status_code,
+        finished_at=event.fetched_at if event.last else None,
+    )
+    return _Item(msg, row, run)
+
+
+class Writer:
+    """Persists commands (as queued runs) and run events (as rows and run outcomes)."""
+
+    def __init__(self, bus: Bus, db: Database, *, batch_size: int) -> None:
+        self._bus = bus
+        self._db = db
+        self._batch_size = batch_size
+        self._stopping = anyio.Event()
+        self._fetching: set[anyio.CancelScope] = set()
+        self.rows_written = 0
+        self.batches = 0
+
+    def stop_intake(self) -> None:
+        """Finish the batch in hand, then take no more."""
+        self._stopping.set()
+        for scope in self._fetching:
+            scope.cancel()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        s = self._bus.subjects
+        runs = await self._bus.pull(s.collect_stream, s.runs_consumer)
+        raw = await self._bus.pull(s.raw_stream, s.writer_consumer)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(
+                    self._consume, runs, _item_for_command, s.runs_consumer, name="writer-runs"
+                )
+                tg.start_soon(
+                    self._consume, raw, _item_for_event, s.writer_consumer, name="writer-raw"
+                )
+                task_status.started()
+        finally:
+            await self._bus.unsubscribe(runs)
+            await self._bus.unsubscribe(raw)
+
+    async def _consume(
+        self, sub: PullSubscription, build: Callable[[Msg], _Item], consumer: str
+    ) -> None:
+        while not self._stopping.is_set():
+            msgs: list[Msg] = []
+            with anyio.CancelScope() as scope:
+                self._fetching.add(scope)
+                try:
+                    msgs = await self._bus.fetch(sub, self._batch_size)
+                finally:
+                    self._fetching.discard(scope)
+            if msgs:
+                await self._write_batch(msgs, build, consumer)
+
+    async def _write_batch(
+        self, msgs: Sequence[Msg], build: Callable[[Msg], _Item], consumer: str
+    ) -> None:
+        items: list[_Item] = []
+        for msg in msgs:
+            try:
+                items.append(build(msg))
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                log.error("write.poison", extra={"subject": msg.subject, "error": str(exc)})
+                await _settle(msg.term)
+        if not items:
+            return
+        with _tracing.batch_span(
+            f"write {consumer}", (item.msg.headers for item in items)
+        ) as batch:
+            batch.set_attribute(_tracing.CONSUMER_GROUP, consumer)
+            batch.set_attribute(_tracing.OPERATION_TYPE, "process")
+            batch.set_attribute("db.system.name", "postgresql")
+            for item in items:
+                item.span = _message_span(item, consumer)
+            try:
+                await self._store(items)
+            except StoreUnavailable as exc:
+                log.warning("write.store_unavailable", extra={"error": str(exc)})
+                _end_spans(items, error=str(exc))
+                for item in items:
+                    await _settle(partial(item.msg.nak, delay=_STORE_RETRY_S))
+                await anyio.sleep(_STORE_RETRY_S)
+                return
+            except psycopg.Error as exc:
+                log.warning("write.batch_rejected", extra={"error": str(exc), "size": len(items)})
+                await self._store_one_by_one(items)
+            else:
+                _end_spans(items)
+                for item in items:
+                    await _settle(item.msg.ack)
+        self.batches += 1
+
+    async def _store(self, items: Sequence[_Item]) -> None:
+        rows = [item.data_row for item in items if item.data_row is not None]
+        try:
+            async with (
+                self._db.pool.connection() as conn,
+                conn.transaction(),
+                conn.cursor() as cur,
+            ):
+                if rows:
+                    await cur.executemany(INSERT_DATA, rows)
+                await cur.executemany(UPSERT_RUN, [item.run_row for item in items])
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(str(exc).strip() or type(exc).__name__) from exc
+        self.rows_written += len(rows)
+
+    async def _store_one_by_one(self, items: Sequence[_Item]) -> None:
+        for item in items:
+            try:
+                await self._store([item])
+            except StoreUnavailable:
+                _end_spans([item], error="store unavailable")
+                await _settle(partial(item.msg.nak, delay=_STORE_RETRY_S))
+                continue
+            except psycopg.Error as exc:
+                await self._reject(item, exc)
+                continue
+            _end_spans([item])
+            await _settle(item.msg.ack)
+
+    async def _reject(self, item: _Item, exc: psycopg.Error) -> None:
+        """PostgreSQL refuses this message's row: record the run as failed, say why."""
+        reason = f"PostgreSQL rejected the row: {str(exc).strip()}"
+        run = item.run_row | {
+            "status": "failed",
+            "error_code": "store_rejected",
+            "error": reason,
+            "finished_at": datetime.now(UTC),
+        }
+        log.error(
+            "write.rejected",
+            extra={"source": run["source"], "run_id": run["run_id"], "error": reason},
+        )
+        try:
+            async with self._db.pool.connection() as conn:
+                await conn.execute(UPSERT_RUN, run)
+        except psycopg.Error as second:
+            log.error("write.reject_failed", extra={"run_id": run["run_id"], "error": str(second)})
+            _end_spans([item], error=str(second))
+            await _settle(partial(item.msg.nak, delay=_STORE_RETRY_S))
+            return
+        _end_spans([item], error=reason)
+        await _settle(item.msg.term)
+
+
+def _message_span(item: _Item, consumer: str) -> Span:
+    """A per-message span in the run's own trace, so the write shows up in it."""
+    run = item.run_row
+    return _tracing.tracer().start_span(
+        f"process {item.msg.subject}",
+        context=_tracing.extract(item.msg.headers),
+        kind=SpanKind.CONSUMER,
+        attributes={
+            _tracing.SYSTEM: _tracing.MESSAGING_SYSTEM,
+            _tracing.OPERATION_TYPE: "process",
+            _tracing.OPERATION_NAME: "write",
+            _tracing.DESTINATION: item.msg.subject,
+            _tracing.CONSUMER_GROUP: consumer,
+            _tracing.BODY_SIZE: len(item.msg.data),
+            _tracing.COLETA_SOURCE: str(run["source"]),
+            _tracing.COLETA_RUN_ID: str(run["run_id"]),
+            "coleta.run_status": str(run["status"]),
+        },
+        links=[trace.Link(trace.get_current_span().get_span_context())],
+    )
+
+
+def _end_spans(items: Sequence[_Item], *, error: str | None = None) -> None:
+    for item in items:
+        if item.span is None:
+            continue
+        if error is not None:
+            item.span.set_status(trace.Status(trace.StatusCode.ERROR, _tracing.redact_text(error)))
+        item.span.end()
+        item.span = None
+
+
+async def _settle(action: Callable[[], Awaitable[Any]]) -> None:
+    """Ack/nak/term, shielded: a settle cut short by shutdown would only cause a replay."""
+    with anyio.CancelScope(shield=True):
+        try:
+            await action()
+        except (nats.errors.Error, OSError) as exc:
+            log.warning("write.settle_failed", extra={"error": str(exc) or type(exc).__name__})
