@@ -129,10 +129,10 @@ def _client_server(args: argparse.Namespace) -> tuple[str, str]:
     """The NATS URL and bus prefix of the daemon to talk to."""
     from daemon.embedded import read_state_urls
 
-    prefix = "coleta"
+    prefix = os.environ.get("COLETA_BUS_PREFIX", "coleta")
     state_dir = os.environ.get("COLETA_STATE_DIR", ".coleta")
     configured: str | None = None
-    if args.config or os.environ.get("COLETA_CONFIG"):
+    if args.config or os.environ.get("COLETA_CONFIG") or os.environ.get("EXTERNAL_API_URL"):
         settings = load_settings(args.config)
         prefix, state_dir, configured = settings.bus_prefix, settings.state_dir, settings.nats_url
     url = (
@@ -150,10 +150,23 @@ async def _client(args: argparse.Namespace) -> int:
     import nats.errors
 
     url, prefix = _client_server(args)
+
+    async def quiet(exc: Exception) -> None:
+        """nats-py prints every connection error with a traceback unless told otherwise."""
+
     try:
-        nc = await nats.connect(
-            url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False
-        )
+        with anyio.fail_after(args.timeout):
+            # allow_reconnect=False makes nats-py retry a refused first connect forever.
+            nc = await nats.connect(
+                url,
+                connect_timeout=2,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.1,
+                error_cb=quiet,
+            )
+    except TimeoutError:
+        _error(f"cannot reach NATS at {url}: no answer within {args.timeout:g} s")
+        return EXIT_UNREACHABLE
     except Exception as exc:  # nats-py raises several unrelated types for "cannot connect"
         _error(f"cannot reach NATS at {url}: {exc or type(exc).__name__}")
         return EXIT_UNREACHABLE

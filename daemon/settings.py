@@ -4,7 +4,8 @@ Unknown keys are errors here (a typo in a config file must not pass silently), u
 wire. Every error names the key path and the bad value, e.g.
 ``sources[1].schedule: invalid cron expression '61 * * * *'``.
 
-Environment: ``NATS_URL``, ``DATABASE_URL`` and ``LOG_LEVEL`` override the file. With no config
+Environment: ``NATS_URL``, ``DATABASE_URL``, ``LOG_LEVEL``, ``COLETA_STATE_DIR``,
+``COLETA_BUS_PREFIX`` and ``COLETA_DATABASE_SCHEMA`` override the file. With no config
 file, ``EXTERNAL_API_URL`` (+ ``EXTERNAL_API_KEY`` sent as a Bearer token, ``SCHEDULE_HOUR``)
 defines one source named ``external_api`` that runs daily at that hour (the original setup).
 """
@@ -238,6 +239,8 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         ("DATABASE_URL", "database_url"),
         ("LOG_LEVEL", "log_level"),
         ("COLETA_STATE_DIR", "state_dir"),
+        ("COLETA_BUS_PREFIX", "bus_prefix"),
+        ("COLETA_DATABASE_SCHEMA", "database_schema"),
     ):
         if value := env.get(var):
             data[key] = value

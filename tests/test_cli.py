@@ -1,0 +1,301 @@
+"""The command line as a user runs it: real processes, exit codes, one-line errors, signals."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from daemon.embedded import read_state_urls
+from tests.fix_http import LocalAPI
+
+COLETA = [sys.executable, "-m", "daemon"]
+
+
+def coleta(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COLETA, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env if env is not None else clean_env(),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NATS_URL", "DATABASE_URL", "COLETA_CONFIG", "EXTERNAL_API_URL")
+        and not k.startswith("OTEL_")
+    }
+    env.update(extra)
+    return env
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_version_and_help() -> None:
+    version = coleta("--version")
+    assert version.returncode == 0
+    assert version.stdout.startswith("coleta ")
+    for command in ("run", "migrate", "check-config", "status", "trigger", "runs", "health"):
+        result = coleta(command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "usage: coleta" in result.stdout
+
+
+def test_check_config_accepts_the_example() -> None:
+    result = coleta("check-config", "examples/coleta.toml")
+    assert result.returncode == 0, result.stderr
+    assert "ok (2 sources: rates, lisbon_weather)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '[[sources]]\nname = "a"\nurl = "http://x"\nschedule = "61 * * * *"\n',
+            "sources[0].schedule: invalid cron expression '61 * * * *'",
+        ),
+        (
+            '[[sources]]\nname = "a"\nurl = "http://x"\nschedule = "0 6 * * *"\n'
+            'timezone = "Mars/Olympus"\n',
+            "sources[0].timezone: unknown timezone 'Mars/Olympus'",
+        ),
+        (
+            '[[sources]]\nname = "a"\nurl = "http://x"\nschedule = "0 6 * * *"\nshedule = "x"\n',
+            "sources[0].shedule: unknown key",
+        ),
+        (
+            '[[sources]]\nname = "a"\nurl = "http://x"\nschedule = "0 6 * * *"\n'
+            '[[sources]]\nname = "a"\nurl = "http://y"\nschedule = "0 7 * * *"\n',
+            "sources[1].name: duplicate source name 'a' (first defined at sources[0])",
+        ),
+        ("sources = [", "not valid TOML"),
+    ],
+)
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_a_bad_config_is_one_clear_line_and_exit_2(
+    tmp_path: Path, text: str, expected: str, command: str
+) -> None:
+    path = write_config(tmp_path / "bad.toml", text)
+    args = (
+        ("check-config", str(path)) if command == "check-config" else ("run", "--config", str(path))
+    )
+    result = coleta(*args)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"coleta: {path}: ")
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_client_commands_say_clearly_when_no_daemon_answers(tmp_path: Path) -> None:
+    result = coleta("status", "--server", "nats://127.0.0.1:9")
+    assert result.returncode == 3
+    assert result.stderr.startswith("coleta: cannot reach NATS at nats://127.0.0.1:9")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def daemon_process(
+    api: LocalAPI, tmp_path: Path, nats_url: str, database_url: str, bus_prefix: str, db_schema: str
+) -> Iterator[tuple[subprocess.Popen[str], dict[str, str], Path]]:
+    """``coleta run`` as a child process on the test's servers."""
+    api.route("/cli", json={"from": "cli"})
+    config = write_config(
+        tmp_path / "coleta.toml",
+        f'bus_prefix = "{bus_prefix}"\ndatabase_schema = "{db_schema}"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        f'[[sources]]\nname = "cli"\nurl = "{api.url("/cli")}"\nschedule = "0 0 1 1 *"\n',
+    )
+    env = clean_env(NATS_URL=nats_url, DATABASE_URL=database_url, COLETA_CONFIG=str(config))
+    log = (tmp_path / "daemon.log").open("w")
+    proc = subprocess.Popen(
+        [*COLETA, "run"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        wait_healthy(env, proc, tmp_path / "daemon.log")
+        yield proc, env, tmp_path / "daemon.log"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def wait_healthy(
+    env: dict[str, str], proc: subprocess.Popen[str], log: Path, within_s: float = 60
+) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {proc.returncode}:\n{log.read_text()}")
+        if coleta("health", env=env, timeout=10).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"daemon not healthy after {within_s} s:\n{log.read_text()}")
+
+
+def count_rows(database_url: str, schema: str) -> int:
+    with psycopg.connect(database_url, options=f"-c search_path={schema}") as conn:
+        row = conn.execute("SELECT count(*) FROM collected_data").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def wait_rows(database_url: str, schema: str, n: int, within_s: float = 20) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if count_rows(database_url, schema) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {n} rows after {within_s} s")
+
+
+def test_run_trigger_status_and_sigterm(
+    daemon_process: tuple[subprocess.Popen[str], dict[str, str], Path],
+    database_url: str,
+    db_schema: str,
+) -> None:
+    proc, env, log = daemon_process
+    trigger = coleta("trigger", "cli", env=env)
+    assert trigger.returncode == 0, trigger.stderr
+    assert trigger.stdout.startswith("queued cli@")
+    wait_rows(database_url, db_schema, 1)
+
+    status = coleta("status", env=env)
+    assert status.returncode == 0, status.stderr
+    assert "bus ok  database ok" in status.stdout
+    (line,) = [ln for ln in status.stdout.splitlines() if ln.startswith("cli ")]
+    assert line.split()[-3:] == ["stored", "1", "0"]
+
+    runs = coleta("runs", "cli", "--json", env=env)
+    assert runs.returncode == 0
+    assert '"status": "stored"' in runs.stdout
+
+    unknown = coleta("trigger", "nope", env=env)
+    assert unknown.returncode == 1
+    assert unknown.stderr == "coleta: unknown source 'nope' (configured: cli)\n"
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    events = log.read_text()
+    assert '"event":"daemon.signal"' in events
+    assert '"event":"daemon.stopped"' in events
+
+
+def test_legacy_environment_defines_one_daily_source(
+    api: LocalAPI, tmp_path: Path, nats_url: str, database_url: str, db_schema: str, bus_prefix: str
+) -> None:
+    """No config file: EXTERNAL_API_URL, EXTERNAL_API_KEY and SCHEDULE_HOUR, as originally."""
+    api.route("/legacy", json={"legacy": True})
+    env = clean_env(
+        NATS_URL=nats_url,
+        DATABASE_URL=database_url,
+        EXTERNAL_API_URL=api.url("/legacy"),
+        EXTERNAL_API_KEY="s3cr3t-key",
+        SCHEDULE_HOUR="7",
+        COLETA_STATE_DIR=str(tmp_path / "state"),
+        COLETA_BUS_PREFIX=bus_prefix,
+        COLETA_DATABASE_SCHEMA=db_schema,
+    )
+    log = (tmp_path / "legacy.log").open("w")
+    proc = subprocess.Popen(
+        [*COLETA, "run"], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
+    try:
+        wait_healthy(env, proc, tmp_path / "legacy.log")
+        status = coleta("status", "--json", env=env)
+        assert '"name": "external_api"' in status.stdout
+        assert '"schedule": "0 7 * * *"' in status.stdout
+        assert coleta("trigger", "external_api", env=env).returncode == 0
+        deadline = time.monotonic() + 20
+        while not api.hits("/legacy") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (hit,) = api.hits("/legacy")
+        assert hit.headers["authorization"] == "Bearer s3cr3t-key"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert "s3cr3t-key" not in (tmp_path / "legacy.log").read_text()
+
+
+def test_embedded_default_runs_the_real_thing_and_stops_it(api: LocalAPI) -> None:
+    """No NATS_URL / DATABASE_URL: `coleta run` starts nats-server and PostgreSQL itself."""
+    api.route("/embedded", body="a,b\n1,2\n", content_type="text/csv")
+    state = Path(tempfile.mkdtemp(prefix="coleta-cli-state-"))
+    try:
+        config = write_config(
+            state / "coleta.toml",
+            f'state_dir = "{state / "state"}"\n'
+            f'[[sources]]\nname = "emb"\nurl = "{api.url("/embedded")}"\nschedule = "0 0 1 1 *"\n',
+        )
+        env = clean_env(COLETA_CONFIG=str(config))
+        log_path = state / "daemon.log"
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(
+                [*COLETA, "run"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+            try:
+                wait_healthy(env, proc, log_path)
+                urls = read_state_urls(state / "state")
+                assert urls.nats_url is not None
+                assert urls.database_url is not None
+                assert not urls.nats_url.endswith(":4222")
+                assert coleta("trigger", "emb", env=env).returncode == 0
+                deadline = time.monotonic() + 20
+                stored: list[Any] = []
+                while not stored and time.monotonic() < deadline:
+                    with psycopg.connect(urls.database_url) as conn:
+                        stored = conn.execute(
+                            "SELECT body, content_type FROM collected_data"
+                        ).fetchall()
+                    time.sleep(0.1)
+                assert stored == [(b"a,b\n1,2\n", "text/csv")]
+                nats_pid = int((state / "state" / "nats" / "nats-server.pid").read_text())
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=30) == 0
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        after = read_state_urls(state / "state")
+        assert after.nats_url is None
+        assert after.database_url is None
+        assert (
+            not Path(f"/proc/{nats_pid}").exists()
+            or "Z" in Path(f"/proc/{nats_pid}/stat").read_text().split()[2]
+        )
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
