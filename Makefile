@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/coleta.toml
 
-.PHONY: run test lint check-config bench clean venv
+.PHONY: run test lint check-config clean venv
 
 venv: $(VENV)/.installed
 
@@ -25,15 +25,12 @@ test: venv
 
 ## ruff and mypy (strict) over the code
 lint: venv
-	$(BIN)/ruff check daemon contracts tests bench
-	$(BIN)/ruff format --check daemon contracts tests bench
+	$(BIN)/ruff check daemon contracts tests
+	$(BIN)/ruff format --check daemon contracts tests
 	$(BIN)/mypy
 
 check-config: venv
 	$(BIN)/coleta check-config $(CONFIG)
-
-bench: venv
-	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .coleta

@@ -299,3 +299,29 @@ def test_embedded_default_runs_the_real_thing_and_stops_it(api: LocalAPI) -> Non
         )
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_migrate_applies_the_schema_once(database_url: str, db_schema: str) -> None:
+    env = clean_env(
+        DATABASE_URL=database_url,
+        COLETA_DATABASE_SCHEMA=db_schema,
+        EXTERNAL_API_URL="http://127.0.0.1:9/unused",
+    )
+    first = coleta("migrate", env=env)
+    assert first.returncode == 0, first.stderr
+    assert f"migrations applied to schema {db_schema}" in first.stdout
+    assert '"event":"db.migrated"' in first.stdout
+    second = coleta("migrate", env=env)
+    assert second.returncode == 0, second.stderr
+    assert '"event":"db.migrated"' not in second.stdout
+    with psycopg.connect(database_url) as conn:
+        tables = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s"
+            " ORDER BY table_name",
+            (db_schema,),
+        ).fetchall()
+        versions = conn.execute(
+            f'SELECT version, name FROM "{db_schema}".schema_migrations'
+        ).fetchall()
+    assert tables == [("collected_data",), ("collection_runs",), ("schema_migrations",)]
+    assert versions == [(1, "0001_init.sql")]
