@@ -2,7 +2,7 @@
 
 from contracts._base import UtcDatetime, WireStruct, decoder, encode
 from contracts.commands import CollectCommand, Trigger
-from contracts.payloads import FetchFailed, FetchStarted, RawPayload, RunEvent
+from contracts.payloads import FetchFailed, FetchStarted, RawPayload, RunEvent, RunMissed
 from contracts.service import (
     ComponentHealth,
     ErrorDetail,
@@ -31,6 +31,7 @@ __all__ = [
     "RawPayload",
     "RunEvent",
     "RunInfo",
+    "RunMissed",
     "RunStatus",
     "RunsReply",
     "RunsRequest",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from contracts._base import UtcDatetime, WireStruct
 from contracts.commands import Trigger
 
-__all__ = ["FetchFailed", "FetchStarted", "RawPayload", "RunEvent"]
+__all__ = ["FetchFailed", "FetchStarted", "RawPayload", "RunEvent", "RunMissed"]
 
 
 class _RunEventBase(WireStruct, frozen=True, kw_only=True, tag_field="kind"):
@@ -58,4 +58,11 @@ class FetchFailed(_RunEventBase, frozen=True, kw_only=True, tag="failed"):
     url: str | None = None
 
 
-RunEvent = FetchStarted | RawPayload | FetchFailed
+class RunMissed(_RunEventBase, frozen=True, kw_only=True, tag="missed"):
+    """A slot that passed while no daemon ran and that catch-up does not run."""
+
+    detected_at: UtcDatetime
+    reason: str = ""
+
+
+RunEvent = FetchStarted | RawPayload | FetchFailed | RunMissed

@@ -29,8 +29,8 @@ __all__ = [
     "TriggerRequest",
 ]
 
-#: Life of a run: queued → fetching → stored | failed.
-RunStatus = Literal["queued", "fetching", "stored", "failed"]
+#: Life of a run: queued → fetching → stored | failed; a slot skipped after downtime is missed.
+RunStatus = Literal["queued", "fetching", "stored", "failed", "missed"]
 
 
 class TriggerRequest(WireStruct, frozen=True, kw_only=True):

@@ -51,8 +51,7 @@ class BusOptions:
 
     max_age_s: float
     duplicate_window_s: float
-    fetcher_ack_wait_s: float = 60.0
-    writer_ack_wait_s: float = 60.0
+    ack_wait_s: float = 30.0
     max_deliver: int = 50
     replicas: int = 1
 
@@ -117,9 +116,9 @@ class Bus:
                     num_replicas=o.replicas,
                 )
             )
-        await self._ensure_consumer(s.collect_stream, s.fetcher_consumer, o.fetcher_ack_wait_s, 256)
-        await self._ensure_consumer(s.collect_stream, s.runs_consumer, o.writer_ack_wait_s, 10_000)
-        await self._ensure_consumer(s.raw_stream, s.writer_consumer, o.writer_ack_wait_s, 10_000)
+        await self._ensure_consumer(s.collect_stream, s.fetcher_consumer, o.ack_wait_s, 256)
+        await self._ensure_consumer(s.collect_stream, s.runs_consumer, o.ack_wait_s, 10_000)
+        await self._ensure_consumer(s.raw_stream, s.writer_consumer, o.ack_wait_s, 10_000)
 
     async def _ensure_stream(self, config: StreamConfig) -> None:
         assert config.name is not None

@@ -95,7 +95,9 @@ async def open_daemon(settings: Settings, *, clock: Clock | None = None) -> Asyn
     """Start everything; on exit, shut down gracefully within ``shutdown_grace_s``."""
     subjects = Subjects(settings.bus_prefix)
     options = BusOptions(
-        max_age_s=settings.stream_max_age_s, duplicate_window_s=settings.duplicate_window_s
+        max_age_s=settings.stream_max_age_s,
+        duplicate_window_s=settings.duplicate_window_s,
+        ack_wait_s=settings.ack_wait_s,
     )
     async with contextlib.AsyncExitStack() as stack:
         infra = await stack.enter_async_context(open_infrastructure(settings))

@@ -81,7 +81,12 @@ class Fetcher:
     async def _handle(self, msg: Msg) -> None:
         self.in_flight += 1
         try:
-            await self._process(msg)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_alive, msg, name=f"fetcher-progress-{msg.subject}")
+                try:
+                    await self._process(msg)
+                finally:
+                    tg.cancel_scope.cancel()
         except anyio.get_cancelled_exc_class():
             # Shutting down mid-run: hand the command back so the run is done after restart.
             with anyio.CancelScope(shield=True):
@@ -96,6 +101,13 @@ class Fetcher:
             self._slots.release()
             if not self.in_flight:
                 self._idle.set()
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        """Tell JetStream the run is alive, so a long fetch is not redelivered to another worker."""
+        interval = max(0.5, self._bus.options.ack_wait_s / 3)
+        while True:
+            await anyio.sleep(interval)
+            await _settle(msg.in_progress)
 
     async def _process(self, msg: Msg) -> None:
         try:

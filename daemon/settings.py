@@ -26,7 +26,15 @@ from daemon._schedule import Schedule, check_cron, check_timezone
 from daemon._template import check_template, check_value
 from daemon.errors import ConfigError
 
-__all__ = ["SECONDS", "Retries", "Settings", "SourceConfig", "load_settings", "parse_settings"]
+__all__ = [
+    "SECONDS",
+    "Retries",
+    "Settings",
+    "SourceConfig",
+    "load_settings",
+    "parse_duration",
+    "parse_settings",
+]
 
 SECONDS = 1.0
 MINUTES = 60 * SECONDS
@@ -61,11 +69,22 @@ class SourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     params: dict[str, str] = {}
     #: Request body for POST/PUT/PATCH: a TOML table is sent as JSON, a string as is.
     body: str | dict[str, Any] | None = None
+    #: Per request: the longest wait for the server to send (read) or accept (write) data.
     timeout_s: PositiveFloat = 30 * SECONDS
+    #: Per request: the longest wait to open the connection (TCP + TLS).
+    connect_timeout_s: PositiveFloat = 10 * SECONDS
+    #: One attempt of the run, every page included; past it the attempt counts as a timeout.
+    total_timeout_s: PositiveFloat = 5 * MINUTES
     enabled: bool = True
     retries: Retries = msgspec.field(default_factory=Retries)
     #: A larger response fails the run with ``response_too_large``; nothing is stored.
     max_response_bytes: PositiveInt = 64 * MIB
+    #: Runs missed while the daemon was down: none, the latest one, or all (oldest first).
+    catchup: Literal["none", "latest", "all"] = "latest"
+    #: How far back catch-up looks, as a duration: ``"90s"``, ``"30m"``, ``"12h"``, ``"7d"``.
+    catchup_window: str = "7d"
+    #: Let a new run of this source start while another is still being fetched.
+    allow_overlap: bool = False
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -77,6 +96,7 @@ class SourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             raise ValueError(f"url: {self.url!r} must start with http:// or https://")
         for key, value in self.params.items():
             _field(f"params.{key}", check_template, value)
+        _field("catchup_window", parse_duration, self.catchup_window)
         if self.body is not None:
             if self.method in ("GET", "HEAD", "DELETE"):
                 raise ValueError(f"body: a body needs method POST, PUT or PATCH, not {self.method}")
@@ -85,6 +105,22 @@ class SourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     @property
     def cron(self) -> Schedule:
         return Schedule.parse(self.schedule, self.timezone)
+
+    @property
+    def catchup_window_s(self) -> float:
+        return parse_duration(self.catchup_window)
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"90s"``, ``"30m"``, ``"12h"``, ``"7d"`` or ``"2w"``; ValueError otherwise."""
+    match = _DURATION_RE.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration like '90s', '30m', '12h' or '7d'")
+    return float(match[1]) * _UNIT_S[match[2]]
 
 
 def _field(name: str, check: Any, value: Any) -> None:
@@ -112,6 +148,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     #: How long a SIGTERM waits for in-flight work before handing it back.
     shutdown_grace_s: PositiveFloat = 10 * SECONDS
     writer_batch_size: PositiveInt = 256
+    #: How long a message may stay unacknowledged before JetStream redelivers it (a crashed
+    #: daemon's runs are redone after this). Long runs send progress so they are not redelivered.
+    ack_wait_s: PositiveFloat = 30 * SECONDS
     #: How long JetStream keeps commands and payloads (and de-duplicates run ids).
     stream_max_age_s: PositiveFloat = 7 * 24 * 60 * MINUTES
     duplicate_window_s: PositiveFloat = 60 * MINUTES

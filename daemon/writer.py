@@ -28,7 +28,15 @@ from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
-from contracts import CollectCommand, FetchFailed, FetchStarted, RawPayload, RunEvent, decoder
+from contracts import (
+    CollectCommand,
+    FetchFailed,
+    FetchStarted,
+    RawPayload,
+    RunEvent,
+    RunMissed,
+    decoder,
+)
 from daemon import _tracing
 from daemon._bus import Bus, PullSubscription, message_trace_id
 from daemon._db import Database
@@ -54,6 +62,7 @@ ON CONFLICT (run_id, page) DO NOTHING
 """
 
 # Status only moves forward: queued → fetching → stored | failed; a terminal status stays.
+# 'missed' is not terminal: a later run of the same slot (catch-up, backfill) replaces it.
 UPSERT_RUN = """
 INSERT INTO collection_runs AS r
     (run_id, source, trigger, scheduled_for, status, attempts, pages, rows, bytes,
@@ -63,6 +72,7 @@ VALUES (%(run_id)s, %(source)s, %(trigger)s, %(scheduled_for)s, %(status)s, %(at
         %(trace_id)s, %(queued_at)s, %(started_at)s, %(finished_at)s)
 ON CONFLICT (run_id) DO UPDATE SET
     status = CASE
+        WHEN r.status = 'missed' THEN EXCLUDED.status
         WHEN r.status IN ('stored', 'failed') THEN r.status
         WHEN EXCLUDED.status = 'queued' THEN r.status
         ELSE EXCLUDED.status END,
@@ -176,6 +186,9 @@ def _item_for_event(msg: Msg) -> _Item:
     }
     if isinstance(event, FetchStarted):
         return _Item(msg, None, _run_row(**common, status="fetching", started_at=event.started_at))
+    if isinstance(event, RunMissed):
+        run = _run_row(**common, status="missed", error=event.reason or None, error_code="missed")
+        return _Item(msg, None, run)
     if isinstance(event, FetchFailed):
         run = _run_row(
             **common,

@@ -1,0 +1,4 @@
+-- coleta 0002: slots skipped while the daemon was down are recorded as 'missed'.
+ALTER TABLE collection_runs DROP CONSTRAINT collection_runs_status_check;
+ALTER TABLE collection_runs ADD CONSTRAINT collection_runs_status_check
+    CHECK (status IN ('queued', 'fetching', 'stored', 'failed', 'missed'));
