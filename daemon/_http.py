@@ -20,7 +20,7 @@ import msgspec
 
 from daemon import __version__
 from daemon._template import Window, render, render_value
-from daemon._tracing import redact_headers, redact_url
+from daemon._tracing import redact_headers, redact_text, redact_url
 from daemon.errors import FetchPermanent, FetchTransient
 from daemon.settings import SourceConfig
 
@@ -87,7 +87,7 @@ def build_request(client: httpx.AsyncClient, source: SourceConfig, window: Windo
     if source.params:
         url = url.copy_merge_params({k: render(v, window) for k, v in source.params.items()})
     content: bytes | None = None
-    headers = dict(source.headers)
+    headers = httpx.Headers(source.headers)  # case-insensitive, unlike a dict
     if isinstance(source.body, dict):
         content = msgspec.json.encode(render_value(source.body, window))
         headers.setdefault("Content-Type", "application/json")
@@ -169,7 +169,8 @@ async def send(
 def _status_error(response: httpx.Response, *, source: str, url: str) -> Exception:
     status = response.status_code
     reason = response.reason_phrase or ""
-    snippet = response.content[:200].decode("utf-8", "replace").strip()
+    # The body may echo the request URL, key included: redact URLs in it too.
+    snippet = redact_text(response.content[:200].decode("utf-8", "replace").strip())
     message = f"HTTP {status} {reason} from {url}" + (f": {snippet}" if snippet else "")
     if is_retryable_status(status):
         return FetchTransient(

@@ -206,6 +206,9 @@ def _explain(exc: msgspec.ValidationError, origin: str, data: Any) -> ConfigErro
     text = str(exc)
     match = _PATH_RE.match(text)
     if match is None:
+        top_unknown = re.match(r"^Object contains unknown field `(?P<key>[^`]+)`$", text)
+        if top_unknown:
+            return ConfigError(f"{origin}: {top_unknown['key']}: unknown key")
         return ConfigError(f"{origin}: {text}")
     path, msg = match["path"].lstrip("."), match["msg"]
     unknown = re.match(r"Object contains unknown field `(?P<key>[^`]+)`", msg)
@@ -218,8 +221,8 @@ def _explain(exc: msgspec.ValidationError, origin: str, data: Any) -> ConfigErro
         return ConfigError(f"{origin}: {field}: {inner['rest']}")
     value = _lookup(data, path)
     got = "" if value is _MISSING or msg.startswith("Object missing") else f" (got {value!r})"
-    if ", got" in msg or (got and repr(value) in msg):
-        got = ""
+    if got and re.search(r"(^|\s)" + re.escape(repr(value)) + "$", msg):
+        got = ""  # msgspec already named the value
     return ConfigError(f"{origin}: {path or '(top level)'}: {msg}{got}")
 
 

@@ -114,7 +114,7 @@ def split_body(content_type: str | None, body: bytes) -> tuple[str | None, bytes
         return None, body
     try:
         value = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeError):  # msgspec raises UnicodeDecodeError on bad UTF-8
         return None, body
     if b"\\u0000" in body:
         return None, body
@@ -280,7 +280,8 @@ class Writer:
         for msg in msgs:
             try:
                 items.append(build(msg))
-            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+                # Poison: retrying cannot make it valid. (UnicodeError is a ValueError.)
                 log.error("write.poison", extra={"subject": msg.subject, "error": str(exc)})
                 await _settle(msg.term)
         if not items:
