@@ -2,9 +2,18 @@
 
 from contracts._base import UtcDatetime, WireStruct, decoder, encode
 from contracts.commands import CollectCommand, Trigger
-from contracts.payloads import FetchFailed, FetchStarted, RawPayload, RunEvent, RunMissed
+from contracts.payloads import (
+    DeadLetter,
+    FetchFailed,
+    FetchStarted,
+    RawPayload,
+    RunEvent,
+    RunMissed,
+)
 from contracts.service import (
     ComponentHealth,
+    DlqReplayReply,
+    DlqReplayRequest,
     ErrorDetail,
     ErrorReply,
     HealthReply,
@@ -23,6 +32,9 @@ __all__ = [
     "DEFAULT_PREFIX",
     "CollectCommand",
     "ComponentHealth",
+    "DeadLetter",
+    "DlqReplayReply",
+    "DlqReplayRequest",
     "ErrorDetail",
     "ErrorReply",
     "FetchFailed",

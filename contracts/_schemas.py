@@ -13,8 +13,10 @@ from typing import Any
 import msgspec
 
 from contracts.commands import CollectCommand
-from contracts.payloads import RunEvent
+from contracts.payloads import DeadLetter, RunEvent
 from contracts.service import (
+    DlqReplayReply,
+    DlqReplayRequest,
     ErrorReply,
     HealthReply,
     RunsReply,
@@ -37,6 +39,9 @@ CONTRACTS: dict[str, Any] = {
     "status_reply": StatusReply,
     "health_reply": HealthReply,
     "error_reply": ErrorReply,
+    "dead_letter": DeadLetter,
+    "dlq_replay_request": DlqReplayRequest,
+    "dlq_replay_reply": DlqReplayReply,
 }
 
 

@@ -26,3 +26,5 @@ class CollectCommand(WireStruct, frozen=True, kw_only=True):
     interval_start: UtcDatetime | None = None
     trigger: Trigger = "schedule"
     requested_at: UtcDatetime
+    #: Set on a command re-queued from the dead-letter stream: the run starts over.
+    replay: int = 0

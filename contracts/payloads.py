@@ -9,7 +9,7 @@ from __future__ import annotations
 from contracts._base import UtcDatetime, WireStruct
 from contracts.commands import Trigger
 
-__all__ = ["FetchFailed", "FetchStarted", "RawPayload", "RunEvent", "RunMissed"]
+__all__ = ["DeadLetter", "FetchFailed", "FetchStarted", "RawPayload", "RunEvent", "RunMissed"]
 
 
 class _RunEventBase(WireStruct, frozen=True, kw_only=True, tag_field="kind"):
@@ -19,6 +19,8 @@ class _RunEventBase(WireStruct, frozen=True, kw_only=True, tag_field="kind"):
     scheduled_for: UtcDatetime
     #: Delivery attempt of the command that produced this event (1 = first).
     attempt: int = 1
+    #: How many times the run was replayed from the dead-letter stream (0 = never).
+    replay: int = 0
 
 
 class FetchStarted(_RunEventBase, frozen=True, kw_only=True, tag="started"):
@@ -45,6 +47,10 @@ class RawPayload(_RunEventBase, frozen=True, kw_only=True, tag="page"):
     elapsed_ms: float = 0.0
     #: Bytes of this run so far, this page included (idempotent: the writer keeps the maximum).
     run_bytes: int = 0
+    #: Set when the body was too large for a NATS message: the body is in the object store
+    #: (bucket ``<prefix>_bodies``) under this name, and ``body`` is empty.
+    body_ref: str | None = None
+    body_size: int | None = None
 
 
 class FetchFailed(_RunEventBase, frozen=True, kw_only=True, tag="failed"):
@@ -66,3 +72,19 @@ class RunMissed(_RunEventBase, frozen=True, kw_only=True, tag="missed"):
 
 
 RunEvent = FetchStarted | RawPayload | FetchFailed | RunMissed
+
+
+class DeadLetter(WireStruct, frozen=True, kw_only=True):
+    """On ``<prefix>.dlq.<source>.<error code>``: a message that could not be processed, kept for replay.
+
+    ``original`` is the message exactly as it was received on ``subject``; replaying publishes it
+    there again. A failed run's dead letter holds its collect command, so a replay runs it anew.
+    """
+
+    source: str
+    run_id: str | None = None
+    subject: str
+    original: bytes
+    error_code: str
+    error: str
+    dead_at: UtcDatetime

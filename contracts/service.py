@@ -16,6 +16,8 @@ from contracts.commands import Trigger
 
 __all__ = [
     "ComponentHealth",
+    "DlqReplayReply",
+    "DlqReplayRequest",
     "ErrorDetail",
     "ErrorReply",
     "HealthReply",
@@ -86,6 +88,8 @@ class SourceStatus(WireStruct, frozen=True, kw_only=True):
     last_run: RunInfo | None = None
     consecutive_failures: int = 0
     rows: int = 0
+    #: Messages of this source waiting in the dead-letter stream.
+    dead_letters: int = 0
 
 
 class StatusReply(WireStruct, frozen=True, kw_only=True):
@@ -101,6 +105,18 @@ class HealthReply(WireStruct, frozen=True, kw_only=True):
     #: Why the daemon is degraded; empty when ok.
     reason: str = ""
     checks: dict[str, ComponentHealth] = {}
+
+
+class DlqReplayRequest(WireStruct, frozen=True, kw_only=True):
+    """Re-queue dead letters: all of them, one source's, or one run's."""
+
+    source: str | None = None
+    run_id: str | None = None
+
+
+class DlqReplayReply(WireStruct, frozen=True, kw_only=True):
+    replayed: int
+    run_ids: list[str] = []
 
 
 class ErrorDetail(WireStruct, frozen=True, kw_only=True):

@@ -41,6 +41,24 @@ class Subjects:
     def raw_all(self) -> str:
         return f"{self.prefix}.raw.>"
 
+    def dlq(self, source: str, code: str = "*") -> str:
+        """``<prefix>.dlq.<source>.<error code>``: four tokens, so the stream never captures
+        the service's ``<prefix>.dlq.replay`` requests."""
+        return f"{self.prefix}.dlq.{source}.{code}"
+
+    @property
+    def dlq_all(self) -> str:
+        return f"{self.prefix}.dlq.*.*"
+
+    @property
+    def dlq_stream(self) -> str:
+        return f"{self.prefix.upper()}_DLQ"
+
+    @property
+    def bodies_bucket(self) -> str:
+        """Object store for bodies larger than the NATS max payload."""
+        return f"{self.prefix}_bodies"
+
     @property
     def collect_stream(self) -> str:
         return f"{self.prefix.upper()}_COLLECT"
@@ -77,3 +95,7 @@ class Subjects:
     @property
     def health(self) -> str:
         return self.endpoint("health")
+
+    @property
+    def dlq_replay(self) -> str:
+        return self.endpoint("dlq.replay")

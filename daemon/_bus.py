@@ -2,7 +2,7 @@
 
 Streams and consumers are declared idempotently at start-up, so every replica (and every
 restart) can run the same code. Known nats-py behaviour handled here (see STACK-NOTES):
-an empty fetch raises either ``nats.errors.TimeoutError`` or a bare ``asyncio.TimeoutError``;
+an empty fetch raises either ``nats.errors.TimeoutError`` or a bare ``TimeoutError``;
 ``drain()`` blocks after a timed-out fetch, so we unsubscribe pull subscriptions and close.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import anyio
 import msgspec
@@ -24,13 +25,15 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    ObjectStoreConfig,
     PubAck,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
+from nats.js.object_store import ObjectStore
 
-from contracts import Subjects, encode
+from contracts import DeadLetter, Subjects, encode
 from daemon import _tracing
 from daemon._logging import get_logger
 from daemon.errors import TransientError
@@ -76,6 +79,7 @@ class Bus:
         self.js = nc.jetstream()
         self.subjects = subjects
         self.options = options
+        self.bodies: ObjectStore | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -104,7 +108,12 @@ class Bus:
     async def declare(self) -> None:
         """Create or update the streams and durable consumers (idempotent)."""
         s, o = self.subjects, self.options
-        for name, subject in ((s.collect_stream, s.collect_all), (s.raw_stream, s.raw_all)):
+        streams = (
+            (s.collect_stream, s.collect_all),
+            (s.raw_stream, s.raw_all),
+            (s.dlq_stream, s.dlq_all),
+        )
+        for name, subject in streams:
             await self._ensure_stream(
                 StreamConfig(
                     name=name,
@@ -119,6 +128,22 @@ class Bus:
         await self._ensure_consumer(s.collect_stream, s.fetcher_consumer, o.ack_wait_s, 256)
         await self._ensure_consumer(s.collect_stream, s.runs_consumer, o.ack_wait_s, 10_000)
         await self._ensure_consumer(s.raw_stream, s.writer_consumer, o.ack_wait_s, 10_000)
+        await self._ensure_bodies()
+
+    async def _ensure_bodies(self) -> None:
+        """The object store for bodies too large for one message (idempotent)."""
+        bucket = self.subjects.bodies_bucket
+        try:
+            self.bodies = await self.js.object_store(bucket)
+        except nats.js.errors.NotFoundError:
+            self.bodies = await self.js.create_object_store(
+                bucket,
+                config=ObjectStoreConfig(
+                    storage=StorageType.FILE,
+                    ttl=self.options.max_age_s,
+                    replicas=self.options.replicas,
+                ),
+            )
 
     async def _ensure_stream(self, config: StreamConfig) -> None:
         assert config.name is not None
@@ -157,7 +182,14 @@ class Bus:
         A producer span wraps the publish; its context travels in the message headers.
         ``Nats-Msg-Id`` makes a re-publish of the same thing a no-op within the duplicate window.
         """
-        payload = encode(message)
+        return await self.publish_raw(
+            subject, encode(message), msg_id=msg_id, source=source, run_id=run_id
+        )
+
+    async def publish_raw(
+        self, subject: str, payload: bytes, *, msg_id: str, source: str, run_id: str
+    ) -> PubAck:
+        """Publish bytes already encoded (a dead letter's original message)."""
         with _tracing.producer_span(
             subject, source=source, run_id=run_id, message_id=msg_id, body_size=len(payload)
         ):
@@ -168,6 +200,56 @@ class Bus:
                 raise
             except (TimeoutError, nats.errors.Error) as exc:
                 raise TransientError(f"publish to {subject} failed: {exc!r}") from exc
+
+    async def dead_letter(
+        self,
+        msg: Msg,
+        *,
+        source: str,
+        run_id: str | None,
+        code: str,
+        error: str,
+        msg_id: str | None = None,
+    ) -> None:
+        """Keep a message that cannot be processed on ``<prefix>.dlq.<source>``, with why."""
+        letter = DeadLetter(
+            source=source,
+            run_id=run_id,
+            subject=msg.subject,
+            original=msg.data,
+            error_code=code,
+            error=error,
+            dead_at=datetime.now(UTC),
+        )
+        seq = msg.metadata.sequence.stream if msg.reply else 0
+        await self.publish(
+            self.subjects.dlq(source, code),
+            letter,
+            msg_id=msg_id or f"dlq/{msg.subject}/{seq}",
+            source=source,
+            run_id=run_id or "",
+        )
+
+    async def put_body(self, name: str, body: bytes) -> None:
+        """Store a large body in the object store (chunked by JetStream)."""
+        assert self.bodies is not None, "declare() creates the bodies bucket"
+        try:
+            await self.bodies.put(name, body)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise TransientError(f"storing a {len(body)}-byte body failed: {exc!r}") from exc
+
+    async def get_body(self, name: str) -> bytes:
+        assert self.bodies is not None, "declare() creates the bodies bucket"
+        try:
+            result = await self.bodies.get(name)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise TransientError(f"reading body {name} failed: {exc!r}") from exc
+        return bytes(result.data or b"")
+
+    async def delete_body(self, name: str) -> None:
+        assert self.bodies is not None, "declare() creates the bodies bucket"
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self.bodies.delete(name)
 
     async def pull(self, stream: str, durable: str) -> PullSubscription:
         return await self.js.pull_subscribe_bind(durable=durable, stream=stream)

@@ -93,8 +93,9 @@ def build_request(client: httpx.AsyncClient, source: SourceConfig, window: Windo
         headers.setdefault("Content-Type", "application/json")
     elif isinstance(source.body, str):
         content = render(source.body, window).encode()
+    timeout = httpx.Timeout(source.timeout_s, connect=source.connect_timeout_s)
     return client.build_request(
-        source.method, url, headers=headers, content=content, timeout=source.timeout_s
+        source.method, url, headers=headers, content=content, timeout=timeout
     )
 
 

@@ -35,6 +35,8 @@ log = get_logger("fetcher")
 _decode_command = decoder(CollectCommand).decode
 #: Room kept for the payload's JSON envelope and headers within the NATS max payload.
 _ENVELOPE_BYTES = 16 * 1024
+#: How soon a command for a source that is already running is offered again.
+_OVERLAP_RETRY_S = 1.0
 
 
 class Fetcher:
@@ -48,6 +50,8 @@ class Fetcher:
         self._slots = anyio.Semaphore(settings.max_concurrent_fetches)
         self.in_flight = 0
         self._idle = anyio.Event()
+        #: Sources with a run being fetched by this process.
+        self._running: set[str] = set()
 
     def stop_intake(self) -> None:
         """Take no new commands; runs already started go on."""
@@ -112,8 +116,13 @@ class Fetcher:
     async def _process(self, msg: Msg) -> None:
         try:
             command = _decode_command(msg.data)
-        except msgspec.ValidationError as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            # Poison: it can never become valid. Keep it in the dead-letter stream, never retry.
             log.error("fetch.poison", extra={"subject": msg.subject, "error": str(exc)})
+            source_name = msg.subject.split(".")[2]
+            await self._bus.dead_letter(
+                msg, source=source_name, run_id=None, code="poison", error=str(exc)
+            )
             await msg.term()
             return
         attempt = msg.metadata.num_delivered if msg.reply else 1
@@ -129,60 +138,76 @@ class Fetcher:
         ):
             source = self._settings.source(command.source)
             if source is None:
-                await self._fail(command, attempt, "unknown_source", "source is not configured")
+                await self._fail(
+                    msg, command, attempt, "unknown_source", "source is not configured"
+                )
                 await msg.ack()
                 return
-            await self._publish(
-                command,
-                FetchStarted(
-                    run_id=command.run_id,
-                    source=command.source,
-                    trigger=command.trigger,
-                    scheduled_for=command.scheduled_for,
-                    attempt=attempt,
-                    started_at=datetime.now(UTC),
-                ),
-                msg_id=f"{command.run_id}/started/{attempt}",
-            )
+            if not source.allow_overlap and source.name in self._running:
+                # One run per source at a time: this one waits, without holding a worker.
+                await msg.nak(delay=_OVERLAP_RETRY_S)
+                return
+            self._running.add(source.name)
             try:
-                fetched = await self._fetch(source, command)
-            except FetchTransient as exc:
-                retries = source.retries
-                if attempt < retries.max_attempts:
-                    delay = exc.retry_after_s
-                    if delay is None:
-                        delay = backoff_s(attempt, cap_s=retries.max_backoff_s)
-                    log.warning(
-                        "fetch.retry",
-                        extra=_failure_fields(command, attempt, exc) | {"retry_in_s": delay},
-                    )
-                    await msg.nak(delay=delay)
-                    return
-                await self._fail(command, attempt, exc.code, str(exc), exc.status, exc.url)
-            except PermanentError as exc:
-                await self._fail(
-                    command,
-                    attempt,
-                    exc.code,
-                    str(exc),
-                    getattr(exc, "status", None),
-                    getattr(exc, "url", None),
+                await self._run(msg, command, source, attempt)
+            finally:
+                self._running.discard(source.name)
+
+    async def _run(
+        self, msg: Msg, command: CollectCommand, source: SourceConfig, attempt: int
+    ) -> None:
+        """Fetch one run and publish its outcome; ack, or nak for a retry."""
+        await self._publish(
+            command,
+            FetchStarted(
+                run_id=command.run_id,
+                source=command.source,
+                trigger=command.trigger,
+                scheduled_for=command.scheduled_for,
+                attempt=attempt,
+                replay=command.replay,
+                started_at=datetime.now(UTC),
+            ),
+            msg_id=f"{command.run_id}/r{command.replay}/started/{attempt}",
+        )
+        try:
+            fetched = await self._fetch(source, command)
+        except FetchTransient as exc:
+            retries = source.retries
+            if attempt < retries.max_attempts:
+                delay = exc.retry_after_s
+                if delay is None:
+                    delay = backoff_s(attempt, cap_s=retries.max_backoff_s)
+                log.warning(
+                    "fetch.retry",
+                    extra=_failure_fields(command, attempt, exc) | {"retry_in_s": delay},
                 )
-            else:
-                await self._publish(
-                    command, _payload(command, attempt, fetched), msg_id=f"{command.run_id}/p0"
-                )
-                log.info(
-                    "fetch.done",
-                    extra={
-                        "source": command.source,
-                        "run_id": command.run_id,
-                        "http_status": fetched.status_code,
-                        "bytes": len(fetched.body),
-                        "elapsed_ms": round(fetched.elapsed_ms, 1),
-                    },
-                )
-            await msg.ack()
+                await msg.nak(delay=delay)
+                return
+            await self._fail(msg, command, attempt, exc.code, str(exc), exc.status, exc.url)
+        except PermanentError as exc:
+            await self._fail(
+                msg,
+                command,
+                attempt,
+                exc.code,
+                str(exc),
+                getattr(exc, "status", None),
+                getattr(exc, "url", None),
+            )
+        else:
+            await self._publish_payload(command, _payload(command, attempt, fetched))
+            log.info(
+                "fetch.done",
+                extra={
+                    "source": command.source,
+                    "run_id": command.run_id,
+                    "http_status": fetched.status_code,
+                    "bytes": len(fetched.body),
+                    "elapsed_ms": round(fetched.elapsed_ms, 1),
+                },
+            )
+        await msg.ack()
 
     async def _fetch(self, source: SourceConfig, command: CollectCommand) -> Fetched:
         window = Window(
@@ -193,7 +218,6 @@ class Fetcher:
             tz=source.cron.tz,
         )
         request = build_request(self._http, source, window)
-        max_bytes = min(source.max_response_bytes, self._bus.max_payload - _ENVELOPE_BYTES)
         with _tracing.tracer().start_as_current_span(
             f"{request.method}",
             kind=trace.SpanKind.CLIENT,
@@ -206,7 +230,18 @@ class Fetcher:
             },
         ) as span:
             try:
-                fetched = await send(self._http, request, source=source.name, max_bytes=max_bytes)
+                with anyio.fail_after(source.total_timeout_s):
+                    fetched = await send(
+                        self._http, request, source=source.name, max_bytes=source.max_response_bytes
+                    )
+            except TimeoutError as exc:
+                span.set_attribute("error.type", "timeout")
+                raise FetchTransient(
+                    f"the run took longer than total_timeout_s ({source.total_timeout_s:g} s)",
+                    source=source.name,
+                    url=_tracing.redact_url(str(request.url)),
+                    code="timeout",
+                ) from exc
             except (TransientError, PermanentError) as exc:
                 status = getattr(exc, "status", None)
                 if status is not None:
@@ -219,6 +254,7 @@ class Fetcher:
 
     async def _fail(
         self,
+        msg: Msg,
         command: CollectCommand,
         attempt: int,
         code: str,
@@ -243,13 +279,35 @@ class Fetcher:
             trigger=command.trigger,
             scheduled_for=command.scheduled_for,
             attempt=attempt,
+            replay=command.replay,
             failed_at=datetime.now(UTC),
             error_code=code,
             error=error,
             http_status=http_status,
             url=url,
         )
-        await self._publish(command, event, msg_id=f"{command.run_id}/failed")
+        # The command goes to the dead-letter stream first: `coleta.dlq.replay` can re-run it.
+        await self._bus.dead_letter(
+            msg,
+            source=command.source,
+            run_id=command.run_id,
+            code=code,
+            error=error,
+            msg_id=f"{command.run_id}/r{command.replay}/dlq",
+        )
+        await self._publish(command, event, msg_id=f"{command.run_id}/r{command.replay}/failed")
+
+    async def _publish_payload(self, command: CollectCommand, payload: RawPayload) -> None:
+        """Publish a page; a body too large for one NATS message goes to the object store."""
+        msg_id = f"{command.run_id}/r{command.replay}/p{payload.page}"
+        # JSON carries bytes as base64: 4 bytes on the wire for every 3 of the body.
+        if len(payload.body) * 4 // 3 + _ENVELOPE_BYTES > self._bus.max_payload:
+            name = f"{command.run_id}/{payload.page}"
+            await self._bus.put_body(name, payload.body)
+            payload = msgspec.structs.replace(
+                payload, body=b"", body_ref=name, body_size=len(payload.body)
+            )
+        await self._publish(command, payload, msg_id=msg_id)
 
     async def _publish(
         self, command: CollectCommand, event: msgspec.Struct, *, msg_id: str
@@ -270,6 +328,7 @@ def _payload(command: CollectCommand, attempt: int, fetched: Fetched) -> RawPayl
         trigger=command.trigger,
         scheduled_for=command.scheduled_for,
         attempt=attempt,
+        replay=command.replay,
         page=0,
         last=True,
         fetched_at=datetime.now(UTC),

@@ -24,6 +24,8 @@ from psycopg_pool import PoolTimeout
 
 from contracts import (
     ComponentHealth,
+    DlqReplayReply,
+    DlqReplayRequest,
     ErrorDetail,
     ErrorReply,
     HealthReply,
@@ -35,7 +37,7 @@ from contracts import (
     TriggerRequest,
     encode,
 )
-from daemon import __version__
+from daemon import __version__, _deadletters
 from daemon._bus import Bus
 from daemon._db import Database
 from daemon._history import SourceSummary, recent_runs, source_summaries
@@ -88,9 +90,12 @@ class Service:
                 ("trigger", self._trigger),
                 ("runs", self._runs),
                 ("health", self._health),
+                ("dlq.replay", self._dlq_replay),
             ):
                 await svc.add_endpoint(
-                    name=name, subject=s.endpoint(name), handler=self._wrap(name, handler)
+                    name=name.replace(".", "_"),
+                    subject=s.endpoint(name),
+                    handler=self._wrap(name, handler),
                 )
             await self._bus.nc.flush()
             task_status.started()
@@ -131,6 +136,11 @@ class Service:
                 summaries = await source_summaries(self._db, [src.name for src in sources])
             except (psycopg.Error, PoolTimeout) as exc:
                 database = ComponentHealth(ok=False, detail=_first_line(exc))
+        try:
+            dead = await _deadletters.counts(self._bus) if bus.ok else {}
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("status.dlq_count_failed", extra={"error": str(exc)})
+            dead = {}
         out = []
         for src in sources:
             summary = summaries.get(src.name)
@@ -143,6 +153,7 @@ class Service:
                     last_run=summary.last_run if summary else None,
                     consecutive_failures=summary.consecutive_failures if summary else 0,
                     rows=summary.rows if summary else 0,
+                    dead_letters=dead.get(src.name, 0),
                 )
             )
         return StatusReply(
@@ -182,6 +193,18 @@ class Service:
         except (psycopg.Error, PoolTimeout) as exc:
             raise ServiceFailure("unavailable", f"database: {_first_line(exc)}") from exc
         return RunsReply(runs=runs)
+
+    async def _dlq_replay(self, data: bytes) -> DlqReplayReply:
+        request = _decode(data, DlqReplayRequest, empty=DlqReplayRequest())
+        if request.source is not None and self._settings.source(request.source) is None:
+            raise ServiceFailure("unknown_source", f"unknown source {request.source!r}")
+        try:
+            replayed = await _deadletters.replay(
+                self._bus, source=request.source, run_id=request.run_id
+            )
+        except (TransientError, nats.errors.Error, TimeoutError) as exc:
+            raise ServiceFailure("unavailable", f"could not replay: {exc}") from exc
+        return DlqReplayReply(replayed=len(replayed), run_ids=replayed)
 
     async def _health(self, data: bytes) -> HealthReply:
         bus, database = await self._checks()

@@ -41,7 +41,7 @@ from daemon import _tracing
 from daemon._bus import Bus, PullSubscription, message_trace_id
 from daemon._db import Database
 from daemon._logging import get_logger
-from daemon.errors import StoreUnavailable
+from daemon.errors import StoreUnavailable, TransientError
 
 __all__ = ["Writer", "split_body"]
 
@@ -63,33 +63,50 @@ ON CONFLICT (run_id, page) DO NOTHING
 
 # Status only moves forward: queued → fetching → stored | failed; a terminal status stays.
 # 'missed' is not terminal: a later run of the same slot (catch-up, backfill) replaces it.
+# Each dead-letter replay of a run has a higher ``replay`` number: its first event starts the
+# record over, and events of an older attempt arriving late change nothing.
 UPSERT_RUN = """
 INSERT INTO collection_runs AS r
     (run_id, source, trigger, scheduled_for, status, attempts, pages, rows, bytes,
-     http_status, error_code, error, trace_id, queued_at, started_at, finished_at)
+     http_status, error_code, error, trace_id, queued_at, started_at, finished_at, replay)
 VALUES (%(run_id)s, %(source)s, %(trigger)s, %(scheduled_for)s, %(status)s, %(attempts)s,
         %(pages)s, %(rows)s, %(bytes)s, %(http_status)s, %(error_code)s, %(error)s,
-        %(trace_id)s, %(queued_at)s, %(started_at)s, %(finished_at)s)
+        %(trace_id)s, %(queued_at)s, %(started_at)s, %(finished_at)s, %(replay)s)
 ON CONFLICT (run_id) DO UPDATE SET
     status = CASE
-        WHEN r.status = 'missed' THEN EXCLUDED.status
-        WHEN r.status IN ('stored', 'failed') THEN r.status
+        WHEN EXCLUDED.replay > r.replay OR r.status = 'missed' THEN EXCLUDED.status
+        WHEN EXCLUDED.replay < r.replay OR r.status IN ('stored', 'failed') THEN r.status
         WHEN EXCLUDED.status = 'queued' THEN r.status
         ELSE EXCLUDED.status END,
-    attempts    = GREATEST(r.attempts, EXCLUDED.attempts),
-    pages       = GREATEST(r.pages, EXCLUDED.pages),
-    rows        = GREATEST(r.rows, EXCLUDED.rows),
-    bytes       = GREATEST(r.bytes, EXCLUDED.bytes),
-    http_status = CASE WHEN r.status IN ('stored', 'failed') THEN r.http_status
+    attempts    = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.attempts
+                       ELSE GREATEST(r.attempts, EXCLUDED.attempts) END,
+    pages       = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.pages
+                       ELSE GREATEST(r.pages, EXCLUDED.pages) END,
+    rows        = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.rows
+                       ELSE GREATEST(r.rows, EXCLUDED.rows) END,
+    bytes       = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.bytes
+                       ELSE GREATEST(r.bytes, EXCLUDED.bytes) END,
+    http_status = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.http_status
+                       WHEN EXCLUDED.replay < r.replay OR r.status IN ('stored', 'failed')
+                           THEN r.http_status
                        ELSE COALESCE(EXCLUDED.http_status, r.http_status) END,
-    error_code  = CASE WHEN r.status IN ('stored', 'failed') THEN r.error_code
+    error_code  = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.error_code
+                       WHEN EXCLUDED.replay < r.replay OR r.status IN ('stored', 'failed')
+                           THEN r.error_code
                        ELSE EXCLUDED.error_code END,
-    error       = CASE WHEN r.status IN ('stored', 'failed') THEN r.error
+    error       = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.error
+                       WHEN EXCLUDED.replay < r.replay OR r.status IN ('stored', 'failed')
+                           THEN r.error
                        ELSE EXCLUDED.error END,
-    trace_id    = COALESCE(r.trace_id, EXCLUDED.trace_id),
-    queued_at   = COALESCE(r.queued_at, EXCLUDED.queued_at),
-    started_at  = COALESCE(r.started_at, EXCLUDED.started_at),
-    finished_at = COALESCE(r.finished_at, EXCLUDED.finished_at),
+    trace_id    = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.trace_id
+                       ELSE COALESCE(r.trace_id, EXCLUDED.trace_id) END,
+    queued_at   = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.queued_at
+                       ELSE COALESCE(r.queued_at, EXCLUDED.queued_at) END,
+    started_at  = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.started_at
+                       ELSE COALESCE(r.started_at, EXCLUDED.started_at) END,
+    finished_at = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.finished_at
+                       ELSE COALESCE(r.finished_at, EXCLUDED.finished_at) END,
+    replay      = GREATEST(r.replay, EXCLUDED.replay),
     updated_at  = now()
 """
 
@@ -137,6 +154,8 @@ class _Item:
     data_row: tuple[Any, ...] | None
     run_row: dict[str, Any]
     span: Span | None = None
+    #: A body in the object store, read before the write and deleted after the commit.
+    body_ref: str | None = None
 
 
 def _run_row(**fields: Any) -> dict[str, Any]:
@@ -155,7 +174,7 @@ def _run_row(**fields: Any) -> dict[str, Any]:
             "finished_at",
         )
     )
-    row.update(attempts=0, pages=0, rows=0, bytes=0)
+    row.update(attempts=0, pages=0, rows=0, bytes=0, replay=0)
     row.update(fields)
     return row
 
@@ -170,6 +189,7 @@ def _item_for_command(msg: Msg) -> _Item:
         status="queued",
         trace_id=message_trace_id(msg.headers),
         queued_at=cmd.requested_at,
+        replay=cmd.replay,
     )
     return _Item(msg, None, run)
 
@@ -183,6 +203,7 @@ def _item_for_event(msg: Msg) -> _Item:
         "scheduled_for": event.scheduled_for,
         "attempts": event.attempt,
         "trace_id": message_trace_id(msg.headers),
+        "replay": event.replay,
     }
     if isinstance(event, FetchStarted):
         return _Item(msg, None, _run_row(**common, status="fetching", started_at=event.started_at))
@@ -221,7 +242,7 @@ def _item_for_event(msg: Msg) -> _Item:
         http_status=event.status_code,
         finished_at=event.fetched_at if event.last else None,
     )
-    return _Item(msg, row, run)
+    return _Item(msg, row, run, body_ref=event.body_ref)
 
 
 class Writer:
@@ -283,8 +304,16 @@ class Writer:
             except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
                 # Poison: retrying cannot make it valid. (UnicodeError is a ValueError.)
                 log.error("write.poison", extra={"subject": msg.subject, "error": str(exc)})
+                await self._dead_letter(msg, None, None, "poison", str(exc))
                 await _settle(msg.term)
         if not items:
+            return
+        try:
+            await self._resolve_bodies(items)
+        except TransientError as exc:
+            log.warning("write.body_unavailable", extra={"error": str(exc)})
+            for item in items:
+                await _settle(partial(item.msg.nak, delay=_STORE_RETRY_S))
             return
         with _tracing.batch_span(
             f"write {consumer}", (item.msg.headers for item in items)
@@ -310,7 +339,23 @@ class Writer:
                 _end_spans(items)
                 for item in items:
                     await _settle(item.msg.ack)
+                await self._forget_bodies(items)
         self.batches += 1
+
+    async def _resolve_bodies(self, items: Sequence[_Item]) -> None:
+        """Read bodies that travelled through the object store into their rows."""
+        for item in items:
+            if item.body_ref is None or item.data_row is None:
+                continue
+            body = await self._bus.get_body(item.body_ref)
+            content_type = item.data_row[6]
+            data, raw = split_body(content_type, body)
+            item.data_row = (*item.data_row[:7], data, raw)
+
+    async def _forget_bodies(self, items: Sequence[_Item]) -> None:
+        for item in items:
+            if item.body_ref is not None:
+                await self._bus.delete_body(item.body_ref)
 
     async def _store(self, items: Sequence[_Item]) -> None:
         rows = [item.data_row for item in items if item.data_row is not None]
@@ -363,7 +408,22 @@ class Writer:
             await _settle(partial(item.msg.nak, delay=_STORE_RETRY_S))
             return
         _end_spans([item], error=reason)
+        await self._dead_letter(item.msg, run["source"], run["run_id"], "store_rejected", reason)
         await _settle(item.msg.term)
+
+    async def _dead_letter(
+        self, msg: Msg, source: str | None, run_id: str | None, code: str, error: str
+    ) -> None:
+        try:
+            await self._bus.dead_letter(
+                msg,
+                source=source or msg.subject.split(".")[2],
+                run_id=run_id,
+                code=code,
+                error=error,
+            )
+        except TransientError as exc:
+            log.error("write.dead_letter_failed", extra={"run_id": run_id, "error": str(exc)})
 
 
 def _message_span(item: _Item, consumer: str) -> Span:

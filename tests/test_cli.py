@@ -324,4 +324,4 @@ def test_migrate_applies_the_schema_once(database_url: str, db_schema: str) -> N
             f'SELECT version, name FROM "{db_schema}".schema_migrations'
         ).fetchall()
     assert tables == [("collected_data",), ("collection_runs",), ("schema_migrations",)]
-    assert versions == [(1, "0001_init.sql")]
+    assert versions == [(1, "0001_init.sql"), (2, "0002_missed_and_replayed_runs.sql")]

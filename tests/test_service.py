@@ -171,7 +171,8 @@ async def test_the_service_is_discoverable_with_the_micro_protocol(
     assert info["type"] == "io.nats.micro.v1.info_response"
     subjects = {e["name"]: e["subject"] for e in info["endpoints"]}
     assert subjects == {
-        name: f"{bus_prefix}.{name}" for name in ("status", "trigger", "runs", "health")
+        **{name: f"{bus_prefix}.{name}" for name in ("status", "trigger", "runs", "health")},
+        "dlq_replay": f"{bus_prefix}.dlq.replay",
     }
     requests = {e["name"]: e["num_requests"] for e in stats["endpoints"]}
     assert requests["status"] == 1
