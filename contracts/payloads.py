@@ -75,7 +75,7 @@ RunEvent = FetchStarted | RawPayload | FetchFailed | RunMissed
 
 
 class DeadLetter(WireStruct, frozen=True, kw_only=True):
-    """On ``<prefix>.dlq.<source>.<error code>``: a message that could not be processed, kept for replay.
+    """On ``<prefix>.dlq.<source>.<error code>``: a message that could not be processed.
 
     ``original`` is the message exactly as it was received on ``subject``; replaying publishes it
     there again. A failed run's dead letter holds its collect command, so a replay runs it anew.

@@ -55,7 +55,11 @@ class BusOptions:
     max_age_s: float
     duplicate_window_s: float
     ack_wait_s: float = 30.0
-    max_deliver: int = 50
+    #: -1: JetStream never gives up on a message by itself. Every nak counts as a delivery
+    #: (a fetch retry, an overlapping run held back, a batch handed back while PostgreSQL is
+    #: down), and a message past ``max_deliver`` is silently dropped: its run would stay
+    #: ``queued`` or ``fetching`` forever. The stages decide when to give up, and record why.
+    max_deliver: int = -1
     replicas: int = 1
 
 
@@ -94,7 +98,11 @@ class Bus:
             yield bus
         finally:
             with anyio.CancelScope(shield=True):
-                # close(), not drain(): drain blocks for its whole timeout after a fetch timed out.
+                # Send what is buffered (the last acks and naks) before closing; close(), not
+                # drain(): drain blocks for its whole timeout after a fetch timed out.
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    if nc.is_connected:
+                        await nc.flush(timeout=2)
                 await nc.close()
 
     @property

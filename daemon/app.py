@@ -22,7 +22,7 @@ from anyio.abc import TaskGroup
 
 from contracts import Subjects
 from daemon import __version__, _tracing
-from daemon._bus import Bus, BusOptions
+from daemon._bus import FETCH_WAIT_S, Bus, BusOptions
 from daemon._clock import Clock, SystemClock
 from daemon._db import Database
 from daemon._http import open_client
@@ -37,6 +37,9 @@ from daemon.writer import Writer
 __all__ = ["Daemon", "open_daemon", "open_infrastructure", "run"]
 
 log = get_logger("app")
+
+#: The writer's last fetch ends within the bus fetch wait; then it writes its batch.
+_WRITER_DRAIN_S = FETCH_WAIT_S + 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +116,7 @@ async def open_daemon(settings: Settings, *, clock: Clock | None = None) -> Asyn
             bus=bus,
             db=db,
             http=http,
-            ticker=Ticker(bus, settings, clock or SystemClock()),
+            ticker=Ticker(bus, settings, clock or SystemClock(), db=db),
             fetcher=Fetcher(bus, http, settings),
             writer=Writer(bus, db, batch_size=settings.writer_batch_size),
             service=Service(bus, db, settings),
@@ -150,6 +153,8 @@ async def _shutdown(daemon: Daemon, tg: TaskGroup) -> None:
     if scope.cancelled_caught:
         log.warning("daemon.grace_expired", extra={"handed_back": daemon.fetcher.in_flight})
     daemon.writer.stop_intake()
+    with anyio.move_on_after(_WRITER_DRAIN_S):
+        await daemon.writer.drain()
     tg.cancel_scope.cancel()
 
 

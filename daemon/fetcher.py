@@ -79,6 +79,9 @@ class Fetcher:
                         for msg in msgs:
                             await self._slots.acquire()
                             tg.start_soon(self._handle, msg, name=f"fetcher-run-{msg.subject}")
+                # Intake stopped: drop our interest now, so a command handed back below is not
+                # delivered to this process's last pull request (it would wait out ack_wait).
+                await self._bus.unsubscribe(sub)
         finally:
             await self._bus.unsubscribe(sub)
 
@@ -95,6 +98,7 @@ class Fetcher:
             # Shutting down mid-run: hand the command back so the run is done after restart.
             with anyio.CancelScope(shield=True):
                 await _settle(msg.nak)
+            log.warning("fetch.handed_back", extra={"subject": msg.subject})
             raise
         except Exception:
             log.exception("fetch.crashed", extra={"subject": msg.subject})

@@ -4,6 +4,10 @@ Next fire times come from each source's cron schedule in its timezone (``_schedu
 a heap so thousands of sources cost one timer. Each slot's run id is deterministic
 (``<source>@<UTC slot>``) and is the ``Nats-Msg-Id``: a second ticker (another replica, or this
 one after a restart) publishing the same slot makes one run, not two.
+
+At start-up, slots missed while no daemon ran are caught up (``_catchup``) in the background,
+beside the ticking: catch-up takes the slots up to the start time, ticking the ones after it,
+so no slot is both caught up and ticked.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import anyio
 from anyio.abc import TaskStatus
 
 from daemon._bus import Bus
+from daemon._catchup import CatchupPlan, catch_up
 from daemon._clock import Clock
+from daemon._db import Database
 from daemon._logging import get_logger
 from daemon._queue import queue_run
 from daemon._schedule import run_id_for
@@ -33,13 +39,21 @@ _RETRY_S = 2.0
 class Ticker:
     """Publishes one command per due slot of every enabled source."""
 
-    def __init__(self, bus: Bus, settings: Settings, clock: Clock) -> None:
+    def __init__(
+        self, bus: Bus, settings: Settings, clock: Clock, *, db: Database | None = None
+    ) -> None:
         self._bus = bus
         self._settings = settings
         self._clock = clock
+        #: Run history for start-up catch-up; without it there is no catch-up.
+        self._db = db
         #: (when to act, source name, slot): ``when`` differs from the slot only on a retry.
         self._heap: list[tuple[datetime, str, datetime]] = []
         self.ticks = 0
+        #: Set once start-up catch-up has queued and recorded all it will.
+        self.caught_up = anyio.Event()
+        #: What start-up catch-up did, per enabled source (filled when it is done).
+        self.catchup: dict[str, CatchupPlan] = {}
         self._scope = anyio.CancelScope()
 
     def stop(self) -> None:
@@ -56,13 +70,24 @@ class Ticker:
 
     async def _run(self, task_status: TaskStatus[None]) -> None:
         now = self._clock.now()
+        enabled = [source for source in self._settings.sources if source.enabled]
         self._heap = []
-        for configured in self._settings.sources:
-            if configured.enabled:
-                slot = configured.cron.next_after(now)
-                self._heap.append((slot, configured.name, slot))
+        for configured in enabled:
+            slot = configured.cron.next_after(now)
+            self._heap.append((slot, configured.name, slot))
         heapq.heapify(self._heap)
-        task_status.started()
+        async with anyio.create_task_group() as tg:
+            # The same ``now`` as the heap: catch-up owns slots <= now, ticking those after.
+            tg.start_soon(self._catch_up, enabled, now, name="ticker-catchup")
+            task_status.started()
+            await self._tick_forever()
+
+    async def _catch_up(self, sources: list[SourceConfig], now: datetime) -> None:
+        if self._db is not None and sources:
+            self.catchup = await catch_up(self._bus, self._db, sources, now)
+        self.caught_up.set()
+
+    async def _tick_forever(self) -> None:
         while self._heap:
             await self._clock.sleep_until(self._heap[0][0])
             now = self._clock.now()

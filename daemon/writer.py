@@ -253,15 +253,21 @@ class Writer:
         self._db = db
         self._batch_size = batch_size
         self._stopping = anyio.Event()
-        self._fetching: set[anyio.CancelScope] = set()
+        self._stopped = anyio.Event()
         self.rows_written = 0
         self.batches = 0
 
     def stop_intake(self) -> None:
-        """Finish the batch in hand, then take no more."""
+        """Finish the fetch and the batch in hand, then take no more.
+
+        The fetch in progress is not cancelled: a cancelled pull request stays open on the
+        server until it expires, and a message delivered to it would wait out ``ack_wait``.
+        """
         self._stopping.set()
-        for scope in self._fetching:
-            scope.cancel()
+
+    async def drain(self) -> None:
+        """Wait until both consumers have written their last batch and let go."""
+        await self._stopped.wait()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         s = self._bus.subjects
@@ -276,6 +282,10 @@ class Writer:
                     self._consume, raw, _item_for_event, s.writer_consumer, name="writer-raw"
                 )
                 task_status.started()
+            await self._bus.unsubscribe(runs)
+            await self._bus.unsubscribe(raw)
+            self._stopped.set()
+            await anyio.sleep_forever()
         finally:
             await self._bus.unsubscribe(runs)
             await self._bus.unsubscribe(raw)
@@ -284,13 +294,7 @@ class Writer:
         self, sub: PullSubscription, build: Callable[[Msg], _Item], consumer: str
     ) -> None:
         while not self._stopping.is_set():
-            msgs: list[Msg] = []
-            with anyio.CancelScope() as scope:
-                self._fetching.add(scope)
-                try:
-                    msgs = await self._bus.fetch(sub, self._batch_size)
-                finally:
-                    self._fetching.discard(scope)
+            msgs = await self._bus.fetch(sub, self._batch_size)
             if msgs:
                 await self._write_batch(msgs, build, consumer)
 

@@ -206,11 +206,11 @@ async def test_string_body_is_sent_as_is(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.anyio
 async def test_request_carries_timeout_and_user_agent(client: httpx.AsyncClient) -> None:
-    request = build_request(client, source_config(timeout_s=12.5), window())
+    request = build_request(client, source_config(timeout_s=12.5, connect_timeout_s=3.0), window())
 
     assert request.headers["User-Agent"] == f"coleta/{__version__}"
     assert request.extensions["timeout"] == {
-        "connect": 12.5,
+        "connect": 3.0,
         "read": 12.5,
         "write": 12.5,
         "pool": 12.5,
