@@ -38,7 +38,7 @@ __all__ = ["Daemon", "open_daemon", "open_infrastructure", "run"]
 
 log = get_logger("app")
 
-#: The writer's last fetch ends within the bus fetch wait; then it writes its batch.
+#: The writer's last fetch ends within its short pull wait; then it writes its batch.
 _WRITER_DRAIN_S = FETCH_WAIT_S + 3.0
 
 

@@ -51,6 +51,8 @@ _event_decoder: msgspec.json.Decoder[RunEvent] = msgspec.json.Decoder(RunEvent)
 _decode_event = _event_decoder.decode
 _decode_command = decoder(CollectCommand).decode
 
+#: Short pull waits: a stop takes effect after the current one (it is not cancelled).
+_FETCH_WAIT_S = 0.5
 #: How long a batch waits to be retried while PostgreSQL is unreachable.
 _STORE_RETRY_S = 2.0
 
@@ -74,6 +76,7 @@ VALUES (%(run_id)s, %(source)s, %(trigger)s, %(scheduled_for)s, %(status)s, %(at
         %(trace_id)s, %(queued_at)s, %(started_at)s, %(finished_at)s, %(replay)s)
 ON CONFLICT (run_id) DO UPDATE SET
     status = CASE
+        WHEN EXCLUDED.status = 'missed' THEN r.status
         WHEN EXCLUDED.replay > r.replay OR r.status = 'missed' THEN EXCLUDED.status
         WHEN EXCLUDED.replay < r.replay OR r.status IN ('stored', 'failed') THEN r.status
         WHEN EXCLUDED.status = 'queued' THEN r.status
@@ -294,7 +297,7 @@ class Writer:
         self, sub: PullSubscription, build: Callable[[Msg], _Item], consumer: str
     ) -> None:
         while not self._stopping.is_set():
-            msgs = await self._bus.fetch(sub, self._batch_size)
+            msgs = await self._bus.fetch(sub, self._batch_size, _FETCH_WAIT_S)
             if msgs:
                 await self._write_batch(msgs, build, consumer)
 
