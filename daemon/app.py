@@ -40,6 +40,8 @@ log = get_logger("app")
 
 #: The writer's last fetch ends within its short pull wait; then it writes its batch.
 _WRITER_DRAIN_S = FETCH_WAIT_S + 3.0
+#: Handing back the runs still in flight takes one message each.
+_SETTLE_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,9 @@ async def _shutdown(daemon: Daemon, tg: TaskGroup) -> None:
         await daemon.fetcher.drain()
     if scope.cancelled_caught:
         log.warning("daemon.grace_expired", extra={"handed_back": daemon.fetcher.in_flight})
+        daemon.fetcher.abort()
+        with anyio.move_on_after(_SETTLE_S):
+            await daemon.fetcher.finished()
     daemon.writer.stop_intake()
     with anyio.move_on_after(_WRITER_DRAIN_S):
         await daemon.writer.drain()

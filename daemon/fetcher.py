@@ -21,7 +21,7 @@ from opentelemetry import trace
 
 from contracts import CollectCommand, FetchFailed, FetchStarted, RawPayload, decoder
 from daemon import _tracing
-from daemon._bus import Bus
+from daemon._bus import Bus, PullSubscription
 from daemon._http import Fetched, backoff_s, build_request, send
 from daemon._logging import get_logger
 from daemon._template import Window
@@ -47,6 +47,8 @@ class Fetcher:
         self._http = http
         self._settings = settings
         self._intake = anyio.CancelScope()
+        self._work = anyio.CancelScope()
+        self._finished = anyio.Event()
         self._slots = anyio.Semaphore(settings.max_concurrent_fetches)
         self.in_flight = 0
         self._idle = anyio.Event()
@@ -68,21 +70,35 @@ class Fetcher:
         subjects = self._bus.subjects
         sub = await self._bus.pull(subjects.collect_stream, subjects.fetcher_consumer)
         try:
-            async with anyio.create_task_group() as tg:
-                task_status.started()
-                with self._intake:
-                    while True:
-                        # Wait for a free slot, then ask for as many commands as there are slots.
-                        async with self._slots:
-                            free = self._slots.value + 1
-                            msgs = await self._bus.fetch(sub, free)
-                        for msg in msgs:
-                            await self._slots.acquire()
-                            tg.start_soon(self._handle, msg, name=f"fetcher-run-{msg.subject}")
-                # Intake stopped: drop our interest now, so a command handed back below is not
-                # delivered to this process's last pull request (it would wait out ack_wait).
-                await self._bus.unsubscribe(sub)
+            with self._work:
+                await self._serve(sub, task_status)
         finally:
+            await self._bus.unsubscribe(sub)
+            self._finished.set()
+
+    def abort(self) -> None:
+        """Cancel the runs in hand: each command is handed back (nak) to be done later."""
+        self.stop_intake()
+        self._work.cancel()
+
+    async def finished(self) -> None:
+        """Wait until every run is settled and the fetcher has stopped."""
+        await self._finished.wait()
+
+    async def _serve(self, sub: PullSubscription, task_status: TaskStatus[None]) -> None:
+        async with anyio.create_task_group() as tg:
+            task_status.started()
+            with self._intake:
+                while True:
+                    # Wait for a free slot, then ask for as many commands as there are slots.
+                    async with self._slots:
+                        free = self._slots.value + 1
+                        msgs = await self._bus.fetch(sub, free)
+                    for msg in msgs:
+                        await self._slots.acquire()
+                        tg.start_soon(self._handle, msg, name=f"fetcher-run-{msg.subject}")
+            # Intake stopped: drop our interest now, so a command handed back below is not
+            # delivered to this process's last pull request (it would wait out ack_wait).
             await self._bus.unsubscribe(sub)
 
     async def _handle(self, msg: Msg) -> None:
