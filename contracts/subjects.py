@@ -60,6 +60,11 @@ class Subjects:
         return f"{self.prefix}_bodies"
 
     @property
+    def leases_bucket(self) -> str:
+        """Key-value bucket of per-source run leases (one run per source at a time)."""
+        return f"{self.prefix}_leases"
+
+    @property
     def collect_stream(self) -> str:
         return f"{self.prefix.upper()}_COLLECT"
 

@@ -4,6 +4,12 @@ Streams and consumers are declared idempotently at start-up, so every replica (a
 restart) can run the same code. Known nats-py behaviour handled here (see STACK-NOTES):
 an empty fetch raises either ``nats.errors.TimeoutError`` or a bare ``TimeoutError``;
 ``drain()`` blocks after a timed-out fetch, so we unsubscribe pull subscriptions and close.
+
+Across a server restart nats-py reconnects by itself (forever) and re-subscribes, and pull
+subscriptions keep working on a durable consumer, so nothing needs re-binding. A server back
+*without* its JetStream store (no volume, a wiped disk) has no streams or consumers any more:
+a fetch then fails with 503/404 and a publish finds no stream, and either makes the bus
+declare everything again (``recover``) instead of failing until an operator restarts us.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
+from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from contracts import DeadLetter, Subjects, encode
@@ -46,6 +53,8 @@ PullSubscription = JetStreamContext.PullSubscription
 
 #: Pull waits are short so a stalled fetch (nats.py #933/#986) costs at most this long.
 FETCH_WAIT_S = 2.0
+#: Declaring again after streams went missing happens at most this often (every stage asks).
+REDECLARE_EVERY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +93,11 @@ class Bus:
         self.subjects = subjects
         self.options = options
         self.bodies: ObjectStore | None = None
+        #: Times the streams and consumers were declared again after going missing.
+        self.redeclared = 0
+        self._recovering = anyio.Lock()
+        self._recovered_at = -REDECLARE_EVERY_S
+        self.leases: KeyValue | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -137,6 +151,21 @@ class Bus:
         await self._ensure_consumer(s.collect_stream, s.runs_consumer, o.ack_wait_s, 10_000)
         await self._ensure_consumer(s.raw_stream, s.writer_consumer, o.ack_wait_s, 10_000)
         await self._ensure_bodies()
+        await self._ensure_leases()
+
+    async def _ensure_leases(self) -> None:
+        """The per-source lease bucket; its TTL frees the lease of a replica that died."""
+        bucket = self.subjects.leases_bucket
+        try:
+            self.leases = await self.js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            self.leases = await self.js.create_key_value(
+                bucket=bucket,
+                history=1,
+                ttl=max(5.0, 3 * self.options.ack_wait_s),
+                storage=StorageType.FILE,
+                replicas=self.options.replicas,
+            )
 
     async def _ensure_bodies(self) -> None:
         """The object store for bodies too large for one message (idempotent)."""
@@ -152,6 +181,28 @@ class Bus:
                     replicas=self.options.replicas,
                 ),
             )
+
+    async def recover(self, reason: str) -> None:
+        """Declare again: the server answered as if streams or consumers did not exist.
+
+        Called by whichever stage notices first; the others wait for it, and nothing is
+        declared more than once every ``REDECLARE_EVERY_S``. Failing (JetStream still
+        starting) is only logged: the next fetch or publish will ask again.
+        """
+        async with self._recovering:
+            if anyio.current_time() - self._recovered_at < REDECLARE_EVERY_S:
+                return
+            self._recovered_at = anyio.current_time()
+            try:
+                await self.declare()
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning(
+                    "bus.redeclare_failed",
+                    extra={"reason": reason, "error": str(exc) or type(exc).__name__},
+                )
+                return
+            self.redeclared += 1
+            log.warning("bus.redeclared", extra={"reason": reason})
 
     async def _ensure_stream(self, config: StreamConfig) -> None:
         assert config.name is not None
@@ -203,7 +254,12 @@ class Bus:
         ):
             headers = _tracing.inject({"Nats-Msg-Id": msg_id})
             try:
-                return await self.js.publish(subject, payload, headers=headers)
+                try:
+                    return await self.js.publish(subject, payload, headers=headers)
+                except nats.js.errors.NoStreamResponseError:
+                    # No stream takes the subject: the server lost its store. Once more.
+                    await self.recover(f"no stream for {subject}")
+                    return await self.js.publish(subject, payload, headers=headers)
             except nats.errors.MaxPayloadError:
                 raise
             except (TimeoutError, nats.errors.Error) as exc:
@@ -275,6 +331,11 @@ class Bus:
         except nats.errors.Error as exc:
             # Reconnecting, or the server restarting: wait a moment and let the caller loop.
             log.warning("bus.fetch_failed", extra={"error": str(exc) or type(exc).__name__})
+            if isinstance(
+                exc, nats.js.errors.ServiceUnavailableError | nats.js.errors.NotFoundError
+            ):
+                # Nobody serves the consumer: JetStream is starting, or lost it with its store.
+                await self.recover(f"fetch failed: {exc}")
             await anyio.sleep(0.5)
             return []
 

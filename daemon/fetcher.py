@@ -9,6 +9,9 @@ and a backoff delay — the worker is freed at once, no source waits behind anot
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import anyio
@@ -23,6 +26,7 @@ from contracts import CollectCommand, FetchFailed, FetchStarted, RawPayload, dec
 from daemon import _tracing
 from daemon._bus import Bus, PullSubscription
 from daemon._http import Fetched, backoff_s, build_request, send
+from daemon._leases import Lease, Leases
 from daemon._logging import get_logger
 from daemon._template import Window
 from daemon.errors import FetchTransient, PermanentError, TransientError
@@ -37,6 +41,16 @@ _decode_command = decoder(CollectCommand).decode
 _ENVELOPE_BYTES = 16 * 1024
 #: How soon a command for a source that is already running is offered again.
 _OVERLAP_RETRY_S = 1.0
+_MAX_TRACKED_WAITS = 10_000
+
+
+@dataclass(slots=True)
+class _Work:
+    """One command being handled: whether it holds a worker slot, and its source lease."""
+
+    msg: Msg
+    holds_slot: bool = True
+    lease: Lease | None = None
 
 
 class Fetcher:
@@ -52,8 +66,12 @@ class Fetcher:
         self._slots = anyio.Semaphore(settings.max_concurrent_fetches)
         self.in_flight = 0
         self._idle = anyio.Event()
-        #: Sources with a run being fetched by this process.
-        self._running: set[str] = set()
+        #: Per source: runs of this process queue here (unless allow_overlap).
+        self._locks: dict[str, anyio.Lock] = {}
+        #: Leases keep runs of one source apart across replicas.
+        self._leases = Leases(bus.leases) if bus.leases is not None else None
+        #: Per run id: times it was handed back because another replica held the lease.
+        self._lease_waits: dict[str, int] = {}
 
     def stop_intake(self) -> None:
         """Take no new commands; runs already started go on."""
@@ -103,11 +121,12 @@ class Fetcher:
 
     async def _handle(self, msg: Msg) -> None:
         self.in_flight += 1
+        work = _Work(msg)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._keep_alive, msg, name=f"fetcher-progress-{msg.subject}")
+                tg.start_soon(self._keep_alive, work, name=f"fetcher-progress-{msg.subject}")
                 try:
-                    await self._process(msg)
+                    await self._process(work)
                 finally:
                     tg.cancel_scope.cancel()
         except anyio.get_cancelled_exc_class():
@@ -122,18 +141,45 @@ class Fetcher:
                 await _settle(lambda: msg.nak(delay=5))
         finally:
             self.in_flight -= 1
-            self._slots.release()
+            if work.holds_slot:
+                self._slots.release()
             if not self.in_flight:
                 self._idle.set()
 
-    async def _keep_alive(self, msg: Msg) -> None:
-        """Tell JetStream the run is alive, so a long fetch is not redelivered to another worker."""
+    async def _keep_alive(self, work: _Work) -> None:
+        """Tell JetStream the run is alive, so a long fetch is not redelivered to another
+        worker, and keep the source's lease from expiring."""
         interval = max(0.5, self._bus.options.ack_wait_s / 3)
         while True:
             await anyio.sleep(interval)
-            await _settle(msg.in_progress)
+            await _settle(work.msg.in_progress)
+            if work.lease is not None and self._leases is not None:
+                await self._leases.refresh(work.lease)
 
-    async def _process(self, msg: Msg) -> None:
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, source: str, work: _Work) -> AsyncIterator[None]:
+        """Queue behind this process's run of ``source``, giving the worker slot back while
+        waiting so other sources go on."""
+        lock = self._locks.setdefault(source, anyio.Lock())
+        if lock.locked():
+            self._slots.release()
+            work.holds_slot = False
+            await lock.acquire()
+            try:
+                await self._slots.acquire()
+            except BaseException:
+                lock.release()
+                raise
+            work.holds_slot = True
+        else:
+            await lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    async def _process(self, work: _Work) -> None:
+        msg = work.msg
         try:
             command = _decode_command(msg.data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -145,7 +191,9 @@ class Fetcher:
             )
             await msg.term()
             return
-        attempt = msg.metadata.num_delivered if msg.reply else 1
+        # Hand-backs because another replica was running the source are not attempts.
+        delivered = msg.metadata.num_delivered if msg.reply else 1
+        attempt = max(1, delivered - self._lease_waits.get(command.run_id, 0))
         consumer = self._bus.subjects.fetcher_consumer
         with _tracing.consumer_span(
             msg.subject,
@@ -163,15 +211,26 @@ class Fetcher:
                 )
                 await msg.ack()
                 return
-            if not source.allow_overlap and source.name in self._running:
-                # One run per source at a time: this one waits, without holding a worker.
-                await msg.nak(delay=_OVERLAP_RETRY_S)
-                return
-            self._running.add(source.name)
-            try:
+            if source.allow_overlap or self._leases is None:
                 await self._run(msg, command, source, attempt)
-            finally:
-                self._running.discard(source.name)
+                return
+            async with self._exclusive(source.name, work):
+                lease = await self._leases.acquire(source.name, command.run_id)
+                if lease is None:
+                    # Another replica is running this source: offer the command again later.
+                    if len(self._lease_waits) > _MAX_TRACKED_WAITS:
+                        self._lease_waits.clear()  # runs another replica took are never seen again
+                    self._lease_waits[command.run_id] = self._lease_waits.get(command.run_id, 0) + 1
+                    await msg.nak(delay=_OVERLAP_RETRY_S)
+                    return
+                work.lease = lease
+                try:
+                    await self._run(msg, command, source, attempt)
+                finally:
+                    work.lease = None
+                    self._lease_waits.pop(command.run_id, None)
+                    with anyio.CancelScope(shield=True):
+                        await self._leases.release(lease)
 
     async def _run(
         self, msg: Msg, command: CollectCommand, source: SourceConfig, attempt: int
