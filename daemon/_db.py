@@ -2,6 +2,12 @@
 
 Migrations are the numbered ``migrations/NNNN_name.sql`` files, applied in order, each in its
 own transaction, under an advisory lock so replicas starting together apply each one once.
+
+While PostgreSQL is down the pool keeps reconnecting on its own, never more than about
+``RECONNECT_ROUND_S`` apart: psycopg_pool's backoff doubles without bound when its
+``reconnect_timeout`` is infinite (1, 2, 4 … 1024 s), so after a long outage the daemon would
+stay degraded for about as long again. Instead each reconnection round gives up after
+``RECONNECT_ROUND_S`` and the pool starts a new one at once (see ``_reconnect_failed``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ __all__ = ["Database", "apply_migrations", "migrations"]
 log = get_logger("db")
 
 _MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+SECONDS = 1.0
+#: One round of reconnection attempts (at about 0, 1, 3 and 5 s): then a fresh round starts.
+RECONNECT_ROUND_S = 5 * SECONDS
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -79,9 +89,11 @@ async def apply_migrations(conn: psycopg.AsyncConnection[object], schema: str) -
 class Database:
     """A pool of connections whose ``search_path`` is coleta's schema."""
 
-    def __init__(self, pool: AsyncConnectionPool, schema: str) -> None:
+    def __init__(self, pool: AsyncConnectionPool, schema: str, *, url: str = "") -> None:
         self.pool = pool
         self.schema = schema
+        #: Where the pool connects, for ``ping`` to ask PostgreSQL directly why it cannot.
+        self.url = url
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -98,29 +110,70 @@ class Database:
             name="coleta",
             kwargs={"options": f"-c search_path={schema}", "autocommit": False},
             check=AsyncConnectionPool.check_connection,
-            reconnect_timeout=float("inf"),
+            reconnect_timeout=RECONNECT_ROUND_S,
+            reconnect_failed=_reconnect_failed,
         )
         try:
             await pool.open(wait=True, timeout=connect_timeout_s)
         except PoolTimeout as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
         try:
-            yield cls(pool, schema)
+            yield cls(pool, schema, url=url)
         finally:
             with anyio.CancelScope(shield=True):
                 await pool.close(timeout=5)
 
     async def ping(self, timeout_s: float = 2.0) -> str | None:
-        """None when the database answers, else the reason it does not."""
+        """None when the database answers, else the reason it does not.
+
+        When the pool has no connection to give within half the time, a direct connection
+        attempt says why: PostgreSQL down or refusing connections reads differently from a
+        pool whose connections are all busy.
+        """
         try:
             with anyio.fail_after(timeout_s):
-                async with self.pool.connection(timeout=timeout_s) as conn:
+                async with self.pool.connection(timeout=timeout_s / 2) as conn:
                     await conn.execute("SELECT 1")
+        except PoolTimeout:
+            return await self._why_no_connection(timeout_s / 2)
         except TimeoutError:
             return f"no answer within {timeout_s:g} s"
-        except (psycopg.Error, PoolTimeout) as exc:
-            return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except psycopg.Error as exc:
+            return _first_line(exc)
         return None
+
+    async def _why_no_connection(self, timeout_s: float) -> str:
+        if not self.url:
+            return f"no connection within {timeout_s:g} s"
+        try:
+            with anyio.fail_after(timeout_s):
+                connecting = psycopg.AsyncConnection.connect(
+                    self.url, connect_timeout=max(2, round(timeout_s))
+                )
+                async with await connecting:
+                    pass
+        except TimeoutError:
+            return f"no answer within {timeout_s:g} s"
+        except psycopg.Error as exc:
+            return _first_line(exc)
+        return f"no free connection in the pool within {timeout_s:g} s"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+async def _reconnect_failed(pool: AsyncConnectionPool) -> None:
+    """A round of reconnection attempts gave up: start another, so the pool never stops trying.
+
+    ``check()`` lets the pool grow again (it gave the failed connection's slot back); the new
+    attempt starts with psycopg_pool's initial delay rather than an ever longer one.
+    """
+    if pool.closed:
+        return
+    log.info("db.reconnecting", extra={"pool": pool.name, "round_s": RECONNECT_ROUND_S})
+    await pool.check()
 
 
 async def _wait_and_migrate(url: str, schema: str, timeout_s: float) -> None:

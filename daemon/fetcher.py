@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
 import anyio
 import httpx
@@ -42,6 +43,8 @@ _ENVELOPE_BYTES = 16 * 1024
 #: How soon a command for a source that is already running is offered again.
 _OVERLAP_RETRY_S = 1.0
 _MAX_TRACKED_WAITS = 10_000
+#: How soon a run whose publish the bus refused is tried again.
+_BUS_RETRY_S = 2.0
 
 
 @dataclass(slots=True)
@@ -127,6 +130,12 @@ class Fetcher:
                 tg.start_soon(self._keep_alive, work, name=f"fetcher-progress-{msg.subject}")
                 try:
                     await self._process(work)
+                except TransientError as exc:
+                    # The bus refused a publish (NATS restarting): the run is tried again later.
+                    log.warning(
+                        "fetch.bus_unavailable", extra={"subject": msg.subject, "error": str(exc)}
+                    )
+                    await _settle(partial(msg.nak, delay=_BUS_RETRY_S))
                 finally:
                     tg.cancel_scope.cancel()
         except anyio.get_cancelled_exc_class():
