@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import time
+import zlib
 from datetime import UTC, datetime
 from typing import Any
 
+import brotli
 import msgspec
 import nats
 import nats.js.errors
@@ -236,3 +239,53 @@ async def test_poison_messages_go_to_the_dead_letter_stream_and_the_daemon_keeps
     assert rejected is not None
     assert rejected["error_code"] == "store_rejected"
     assert db_conn.execute("SELECT run_id FROM collected_data").fetchall() == [(run_id,)]
+
+
+async def test_the_total_timeout_bounds_a_whole_attempt(
+    api: LocalAPI, make_settings: MakeSettings, request_reply: Requester, db_conn: Any
+) -> None:
+    api.route("/dribble", json={"late": True}, delay_s=1.0)
+    dribble = source(
+        api,
+        "dribble",
+        "/dribble",
+        timeout_s=5,
+        total_timeout_s=0.4,
+        retries={"max_attempts": 1, "max_backoff_s": 0.1},
+    )
+    async with open_daemon(make_settings([dribble])):
+        run_id = await trigger(request_reply, "dribble")
+        row = await wait_for(lambda: finished(db_conn, run_id))
+    assert row["status"] == "failed"
+    assert row["error_code"] == "timeout"
+    assert "longer than total_timeout_s (0.4 s)" in row["error"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+async def test_compressed_responses_are_stored_decoded(
+    api: LocalAPI,
+    make_settings: MakeSettings,
+    request_reply: Requester,
+    db_conn: Any,
+    encoding: str,
+) -> None:
+    plain = b'{"compressed": "' + b"z" * 5000 + b'"}'
+    packed = {
+        "gzip": lambda b: gzip.compress(b),
+        "deflate": lambda b: zlib.compress(b),
+        "br": lambda b: brotli.compress(b),
+    }[encoding](plain)
+    api.route(
+        "/packed",
+        body=packed,
+        content_type="application/json",
+        headers={"Content-Encoding": encoding},
+    )
+    async with open_daemon(make_settings([source(api, "packed", "/packed")])):
+        run_id = await trigger(request_reply, "packed")
+        row = await wait_for(lambda: finished(db_conn, run_id))
+    assert row["status"] == "stored"
+    (hit,) = api.hits("/packed")
+    assert "br" in hit.headers["accept-encoding"]
+    stored = db_conn.execute("SELECT data FROM collected_data").fetchone()
+    assert stored == ({"compressed": "z" * 5000},)
