@@ -1,0 +1,141 @@
+"""Pagination rules: the next page's request, the stop conditions, loops refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from daemon._pagination import (
+    PageState,
+    Pagination,
+    PaginationError,
+    first_page_params,
+    json_path,
+    next_page,
+    records_of,
+)
+
+URL = httpx.URL("https://api.example/items?q=x")
+NO_HEADERS = httpx.Headers()
+
+
+def p(**kw: Any) -> Pagination:
+    return msgspec.convert(kw, Pagination)
+
+
+def follow(
+    pagination: Pagination, bodies: list[Any], headers: list[dict[str, str]] | None = None
+) -> list[str]:
+    """The URLs a run would request, given the bodies the API answers with."""
+    state = PageState()
+    url = URL.copy_merge_params(first_page_params(pagination))
+    urls = [str(url)]
+    for i, body in enumerate(bodies):
+        nxt = next_page(
+            pagination, state, url, httpx.Headers((headers or [{}] * len(bodies))[i]), body
+        )
+        if nxt is None:
+            break
+        assert nxt.url is not None
+        url = httpx.URL(nxt.url)
+        urls.append(nxt.url)
+        state = nxt
+    return urls
+
+
+def test_json_path() -> None:
+    body = {"data": {"items": [{"id": 7}]}, "meta": None}
+    assert json_path(body, "data.items[0].id") == 7
+    assert json_path(body, "data.items[3].id") is None
+    assert json_path(body, "meta.next") is None
+    assert json_path([1, 2], "[1]") == 2
+
+
+def test_page_numbers_until_an_empty_page() -> None:
+    urls = follow(p(kind="page", size_param="per_page", size=2), [[1, 2], [3, 4], []])
+    assert urls == [
+        "https://api.example/items?q=x&page=1&per_page=2",
+        "https://api.example/items?q=x&page=2&per_page=2",
+        "https://api.example/items?q=x&page=3&per_page=2",
+    ]
+
+
+def test_offset_limit_stops_on_a_short_page() -> None:
+    urls = follow(p(kind="offset", limit=2), [[1, 2], [3]])
+    assert urls == [
+        "https://api.example/items?q=x&offset=0&limit=2",
+        "https://api.example/items?q=x&offset=2&limit=2",
+    ]
+
+
+def test_cursor_from_the_body_until_it_is_null() -> None:
+    pag = p(kind="cursor", cursor_path="meta.next", records_path="data")
+    bodies = [{"data": [1], "meta": {"next": "abc"}}, {"data": [2], "meta": {"next": None}}]
+    assert follow(pag, bodies) == [str(URL), "https://api.example/items?q=x&cursor=abc"]
+
+
+def test_a_repeating_cursor_is_an_error_not_a_loop() -> None:
+    pag = p(kind="cursor", cursor_path="next")
+    with pytest.raises(PaginationError, match="cursor 'same' repeats"):
+        follow(pag, [{"next": "same"}, {"next": "same"}, {"next": "same"}])
+
+
+def test_link_header_next() -> None:
+    pag = p(kind="link")
+    headers = [
+        {
+            "Link": '<https://api.example/items?page=2>; rel="next", '
+            '<https://api.example/items?page=9>; rel="last"'
+        },
+        {"Link": '<https://api.example/items?page=1>; rel="prev"'},
+    ]
+    assert follow(pag, [[1], [2]], headers) == [str(URL), "https://api.example/items?page=2"]
+
+
+def test_relative_next_url_in_the_body_and_repeat_detection() -> None:
+    pag = p(kind="next_url", next_url_path="links.next")
+    assert follow(pag, [{"links": {"next": "/items?page=2"}}, {"links": {}}]) == [
+        str(URL),
+        "https://api.example/items?page=2",
+    ]
+    with pytest.raises(PaginationError, match="repeats"):
+        follow(pag, [{"links": {"next": "/a"}}, {"links": {"next": "/a"}}])
+
+
+def test_has_more_flag_total_and_max_pages_stop() -> None:
+    assert len(follow(p(kind="page", has_more_path="more"), [{"more": True}, {"more": False}])) == 2
+    pag = p(kind="page", records_path="items", total_path="total")
+    assert (
+        len(
+            follow(pag, [{"items": [1, 2], "total": 3}, {"items": [3], "total": 3}, {"items": [9]}])
+        )
+        == 2
+    )
+    assert len(follow(p(kind="page", max_pages=3), [[1]] * 10)) == 3
+
+
+def test_records_of() -> None:
+    assert records_of([1], None) == [1]
+    assert records_of({"a": {"b": [2]}}, p(kind="page", records_path="a.b")) == [2]
+    assert records_of({"a": 1}, p(kind="page", records_path="a")) is None
+
+
+def test_state_round_trips_for_resuming_after_a_failure() -> None:
+    state = PageState(page=4, url="https://x/y?page=5", records_seen=40, seen=["cursor:a"])
+    assert PageState.from_json(state.to_json()) == state
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"kind": "cursor"}, "cursor_path: required when kind = 'cursor'"),
+        ({"kind": "next_url"}, "next_url_path: required when kind = 'next_url'"),
+        ({"kind": "page", "records_path": "a..b"}, "records_path: 'a..b' is not a path"),
+    ],
+)
+def test_bad_pagination_config_names_the_key(config: dict[str, Any], message: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match=message):
+        p(**config)
