@@ -12,6 +12,8 @@ from contracts.payloads import (
 )
 from contracts.service import (
     ComponentHealth,
+    DayMark,
+    DayOutcome,
     DlqReplayReply,
     DlqReplayRequest,
     ErrorDetail,
@@ -32,6 +34,8 @@ __all__ = [
     "DEFAULT_PREFIX",
     "CollectCommand",
     "ComponentHealth",
+    "DayMark",
+    "DayOutcome",
     "DeadLetter",
     "DlqReplayReply",
     "DlqReplayRequest",

@@ -7,6 +7,7 @@ micro ``Nats-Service-Error`` / ``Nats-Service-Error-Code`` headers.
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Annotated, Literal
 
 import msgspec
@@ -16,6 +17,8 @@ from contracts.commands import Trigger
 
 __all__ = [
     "ComponentHealth",
+    "DayMark",
+    "DayOutcome",
     "DlqReplayReply",
     "DlqReplayRequest",
     "ErrorDetail",
@@ -80,6 +83,18 @@ class ComponentHealth(WireStruct, frozen=True, kw_only=True):
     detail: str = ""
 
 
+#: The best outcome of a UTC day's runs, best first: ``stored`` (rows stored), ``unchanged``
+#: (stored, nothing new), ``running`` (queued or fetching), ``failed``, ``missed``.
+DayOutcome = Literal["stored", "unchanged", "running", "failed", "missed"]
+
+
+class DayMark(WireStruct, frozen=True, kw_only=True):
+    """One UTC day (of ``scheduled_for``) of a source's runs."""
+
+    day: date
+    outcome: DayOutcome
+
+
 class SourceStatus(WireStruct, frozen=True, kw_only=True):
     name: str
     schedule: str
@@ -90,6 +105,8 @@ class SourceStatus(WireStruct, frozen=True, kw_only=True):
     rows: int = 0
     #: Messages of this source waiting in the dead-letter stream.
     dead_letters: int = 0
+    #: The last 30 UTC days that had runs, oldest first; days without runs are left out.
+    days: list[DayMark] = []
 
 
 class StatusReply(WireStruct, frozen=True, kw_only=True):

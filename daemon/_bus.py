@@ -70,6 +70,8 @@ class BusOptions:
     #: ``queued`` or ``fetching`` forever. The stages decide when to give up, and record why.
     max_deliver: int = -1
     replicas: int = 1
+    #: ``file`` or ``memory``: where JetStream keeps the streams.
+    storage: str = "file"
 
 
 def message_trace_id(headers: Mapping[str, str] | None) -> str | None:
@@ -141,7 +143,7 @@ class Bus:
                     name=name,
                     subjects=[subject],
                     retention=RetentionPolicy.LIMITS,
-                    storage=StorageType.FILE,
+                    storage=StorageType(o.storage),
                     max_age=o.max_age_s,
                     duplicate_window=o.duplicate_window_s,
                     num_replicas=o.replicas,
@@ -362,7 +364,8 @@ async def _connect(url: str, timeout_s: float) -> Client:
     while True:
         try:
             return await nats.connect(
-                url,
+                # "nats://a:4222,nats://b:4222": a cluster's seed servers.
+                [server.strip() for server in url.split(",")],
                 name="coleta",
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=1,

@@ -32,6 +32,7 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from contracts import RunMissed
+from daemon import _metrics
 from daemon._bus import Bus
 from daemon._db import Database
 from daemon._logging import get_logger
@@ -209,6 +210,9 @@ async def _publish_retrying(
         try:
             if queue:
                 await queue_run(bus, source, slot, run_id=run_id, trigger="catchup", now=now)
+                _metrics.record_lateness(
+                    source.name, (now - slot).total_seconds(), trigger="catchup"
+                )
             else:
                 await _record_missed(bus, source, slot, run_id, now)
             return

@@ -6,15 +6,19 @@ Replies are built from PostgreSQL, not from process memory, so every replica ans
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from datetime import date, timedelta
+from typing import Any, get_args
 
 import msgspec
 from psycopg.rows import dict_row
 
-from contracts import RunInfo
+from contracts import DayMark, DayOutcome, RunInfo
 from daemon._db import Database
 
-__all__ = ["SourceSummary", "recent_runs", "source_summaries"]
+__all__ = ["STRIP_DAYS", "SourceSummary", "daily_outcomes", "recent_runs", "source_summaries"]
+
+#: Days shown by ``coleta status``'s strip, today (UTC) included.
+STRIP_DAYS = 30
 
 _RUN_COLUMNS = """run_id, source, trigger, scheduled_for, status, attempts, pages, rows, bytes,
     http_status, error, trace_id, queued_at, started_at, finished_at"""
@@ -46,6 +50,27 @@ LEFT JOIN LATERAL (
 """
 
 
+#: Per source and UTC day of ``scheduled_for``: the best outcome, ranked as ``DayOutcome``.
+DAILY_OUTCOMES = """
+SELECT source, (scheduled_for AT TIME ZONE 'UTC')::date AS day,
+       min(CASE
+             WHEN status = 'stored' AND rows > 0 THEN 0
+             WHEN status = 'stored' THEN 1
+             WHEN status IN ('queued', 'fetching') THEN 2
+             WHEN status = 'failed' THEN 3
+             ELSE 4
+           END) AS best
+FROM collection_runs
+WHERE source = ANY(%(names)s::text[])
+  AND scheduled_for >= %(since)s::date AT TIME ZONE 'UTC'
+  AND scheduled_for < (%(today)s::date + 1) AT TIME ZONE 'UTC'
+GROUP BY 1, 2
+ORDER BY 1, 2
+"""
+
+_OUTCOMES: tuple[DayOutcome, ...] = get_args(DayOutcome)
+
+
 class SourceSummary(msgspec.Struct, frozen=True, kw_only=True):
     last_run: RunInfo | None
     consecutive_failures: int
@@ -73,3 +98,16 @@ async def source_summaries(db: Database, names: Sequence[str]) -> dict[str, Sour
             last = _run(row) if row["run_id"] is not None else None
             out[name] = SourceSummary(last_run=last, consecutive_failures=failures, rows=total)
         return out
+
+
+async def daily_outcomes(
+    db: Database, names: Sequence[str], today: date
+) -> dict[str, list[DayMark]]:
+    """The best outcome of each of the last ``STRIP_DAYS`` UTC days, per source (one query)."""
+    since = today - timedelta(days=STRIP_DAYS - 1)
+    out: dict[str, list[DayMark]] = {name: [] for name in names}
+    async with db.pool.connection() as conn, conn.cursor() as cur:
+        await cur.execute(DAILY_OUTCOMES, {"names": list(names), "since": since, "today": today})
+        for source, day, best in await cur.fetchall():
+            out[source].append(DayMark(day=day, outcome=_OUTCOMES[best]))
+    return out

@@ -1,9 +1,10 @@
 """The one instrumentation seam: OpenTelemetry setup, context propagation, redaction.
 
 Nothing else in coleta knows about exporters. Every stage asks this module for spans
-(``producer_span``, ``consumer_span``, ``batch_span``) so that span names and attributes
-stay stable, and carries the trace context in NATS message headers with ``inject`` /
-``extract``. A run is followed across every hop: ticker -> fetcher -> writer.
+(``producer_span``, ``consumer_span``, ``batch_span``, ``db_span``) so that span names and
+attributes stay stable, and carries the trace context in NATS message headers with
+``inject`` / ``extract``. A run is followed across every hop: ticker -> fetcher -> writer
+-> SQL. Metrics have their own seam, ``_metrics``, on the same resource (``resource``).
 
 We always build an SDK ``TracerProvider``, even without an exporter, because the trace id
 of a run is stored in the database; an exporter (and its batch thread) exists only when an
@@ -45,6 +46,13 @@ __all__ = [
     "COLETA_RUN_ID",
     "COLETA_SOURCE",
     "CONSUMER_GROUP",
+    "DB_BATCH_SIZE",
+    "DB_COLLECTION",
+    "DB_NAMESPACE",
+    "DB_OPERATION",
+    "DB_QUERY_SUMMARY",
+    "DB_STATUS_CODE",
+    "DB_SYSTEM",
     "DESTINATION",
     "MESSAGE_COUNT",
     "MESSAGE_ID",
@@ -56,6 +64,7 @@ __all__ = [
     "TRACER_NAME",
     "batch_span",
     "consumer_span",
+    "db_span",
     "extract",
     "inject",
     "producer_span",
@@ -63,6 +72,7 @@ __all__ = [
     "redact_headers",
     "redact_text",
     "redact_url",
+    "resource",
     "setup_tracing",
     "shutdown_tracing",
     "span_id_hex",
@@ -87,6 +97,14 @@ BODY_SIZE = "messaging.message.body.size"
 MESSAGE_COUNT = "messaging.batch.message_count"
 COLETA_SOURCE = "coleta.source"
 COLETA_RUN_ID = "coleta.run_id"
+# Database client semantic conventions (stable), PostgreSQL flavour.
+DB_SYSTEM = "db.system.name"
+DB_OPERATION = "db.operation.name"
+DB_COLLECTION = "db.collection.name"
+DB_NAMESPACE = "db.namespace"
+DB_BATCH_SIZE = "db.operation.batch.size"
+DB_QUERY_SUMMARY = "db.query.summary"
+DB_STATUS_CODE = "db.response.status_code"
 
 REDACTED = "REDACTED"
 
@@ -204,6 +222,11 @@ def tracer() -> trace.Tracer:
         # call (and costs ~10 us); keyed by provider so use_provider takes effect at once.
         _state.tracer = provider, provider.get_tracer(TRACER_NAME, _state.version or None)
         return _state.tracer[1]
+
+
+def resource(service_name: str = "coleta", version: str = "0.1.0") -> Resource:
+    """Environment resource, with our name and version as defaults only (metrics use it too)."""
+    return _resource(service_name, version)
 
 
 def _resource(service_name: str, version: str) -> Resource:
@@ -352,9 +375,12 @@ def batch_span(
 ) -> AbstractContextManager[Span]:
     """A span over many messages, linked to each message's producer span.
 
-    A batch has no single parent, so it is a child of the current span (or a root) and
-    carries one link per message with a valid trace context. Keys of ``attributes`` and
-    ``extra`` are used as given (dotted names go in ``attributes``: mypy rejects
+    It carries one link per message with a valid trace context, and is a child of the
+    current span. Without one, a batch whose messages all belong to one trace (a run's
+    events, written together) joins that trace under the first message's producer span, so
+    the run's trace shows the write and its SQL; a batch of several traces is a root.
+    Keys of ``attributes`` and ``extra`` are used as given (dotted names go in
+    ``attributes``: mypy rejects
     ``**{"coleta.x": 1}`` next to ``kind``); None values are skipped. Links beyond
     ``OTEL_SPAN_LINK_COUNT_LIMIT`` (128 by default) are dropped by the SDK.
     """
@@ -368,7 +394,58 @@ def batch_span(
     merged = _attributes(
         {SYSTEM: MESSAGING_SYSTEM, MESSAGE_COUNT: count, **(attributes or {}), **extra}
     )
-    return _span(name, kind=kind, attributes=merged, links=links)
+    parent: Context | None = None
+    if (
+        links
+        and not trace.get_current_span().get_span_context().is_valid
+        and len({link.context.trace_id for link in links}) == 1
+    ):
+        parent = trace.set_span_in_context(trace.NonRecordingSpan(links[0].context))
+    return _span(name, kind=kind, attributes=merged, links=links, context=parent)
+
+
+@contextmanager
+def db_span(
+    operation: str,
+    collection: str,
+    *,
+    batch_size: int = 1,
+    namespace: str | None = None,
+    server_address: str | None = None,
+    server_port: int | None = None,
+) -> Iterator[Span]:
+    """A CLIENT span for one SQL statement, named per the database conventions.
+
+    ``db_span("INSERT", "collected_data", batch_size=n)`` is ``INSERT collected_data`` for
+    one parameter set; an ``executemany`` of two or more is the batch operation
+    ``BATCH INSERT collected_data`` with ``db.operation.batch.size``. A failure records the
+    SQLSTATE (``db.response.status_code``) and ``error.type``; the message goes through the
+    redactor like every recorded error.
+    """
+    if batch_size >= 2:
+        operation = f"BATCH {operation}"
+    summary = f"{operation} {collection}"
+    attributes = _attributes(
+        {
+            DB_SYSTEM: "postgresql",
+            DB_OPERATION: operation,
+            DB_COLLECTION: collection,
+            DB_QUERY_SUMMARY: summary,
+            DB_NAMESPACE: namespace,
+            DB_BATCH_SIZE: batch_size if batch_size >= 2 else None,
+            "server.address": server_address,
+            "server.port": server_port,
+        }
+    )
+    with _span(summary, kind=SpanKind.CLIENT, attributes=attributes) as span:
+        try:
+            yield span
+        except Exception as exc:
+            sqlstate = getattr(exc, "sqlstate", None)
+            if isinstance(sqlstate, str):
+                span.set_attribute(DB_STATUS_CODE, sqlstate)
+            span.set_attribute("error.type", sqlstate or type(exc).__qualname__)
+            raise
 
 
 @contextmanager

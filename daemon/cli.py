@@ -1,16 +1,37 @@
 """argv → settings → run / migrate / check-config, and client commands for a running daemon.
 
-Exit codes: 0 ok; 1 the daemon answered with an error, or a run failed; 2 usage or
-configuration error; 3 the daemon (or its NATS) cannot be reached; 4 degraded (``health``).
+Commands::
+
+    coleta run [--config FILE] [--role ticker,fetcher,writer,service]
+    coleta migrate [--config FILE]
+    coleta check-config FILE
+    coleta status [SOURCE] [--json]          sources, next/last run, a 30-day strip
+    coleta runs [SOURCE] [--limit N] [--json]
+    coleta trigger SOURCE [--at TIME] [--wait [--wait-timeout S]] [--json]
+    coleta health [--json]
+
+Exit codes:
+
+- 0 ok (``trigger --wait``: the run was stored);
+- 1 the daemon answered with an error (unknown source, bad request), or the run
+  ``trigger --wait`` followed failed, was missed, or did not finish within ``--wait-timeout``;
+- 2 usage or configuration error;
+- 3 the daemon (or its NATS) cannot be reached, or does not answer in time;
+- 4 degraded (``health``: the daemon answers but its bus or database does not);
+- 130 interrupted (Ctrl-C).
+
 Errors are one clear line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+import tomllib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +39,7 @@ import anyio
 import msgspec
 
 from daemon import __version__
+from daemon._history import STRIP_DAYS
 from daemon.errors import ColetaError, ConfigError
 from daemon.settings import Settings, load_settings
 
@@ -34,13 +56,20 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coleta",
         description="Collect HTTP APIs on a schedule into PostgreSQL, through NATS JetStream.",
-        epilog="Exit codes: 0 ok, 1 failed, 2 usage/config error, 3 unreachable, 4 degraded.",
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"coleta {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         return p
 
     def config_arg(p: argparse.ArgumentParser) -> None:
@@ -52,7 +81,15 @@ def _parser() -> argparse.ArgumentParser:
             help="TOML config file (default: $COLETA_CONFIG, or the EXTERNAL_API_* variables)",
         )
 
-    config_arg(add("run", "run the daemon until SIGTERM/SIGINT"))
+    run = add("run", "run the daemon until SIGTERM/SIGINT; SIGHUP reloads the config")
+    config_arg(run)
+    run.add_argument(
+        "--role",
+        metavar="ROLES",
+        default=",".join(ROLE_NAMES),
+        help="comma-separated stages to run: ticker (with catch-up), fetcher, writer (with"
+        " retention), service; default: all",
+    )
     config_arg(add("migrate", "apply database migrations and exit"))
     check = add("check-config", "validate a config file and exit (non-zero when invalid)")
     check.add_argument("file", metavar="FILE")
@@ -65,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
         return p
 
-    client("status", "status of the daemon and its sources")
+    status = client("status", "status of the daemon and its sources, with a 30-day strip")
+    status.add_argument("source", nargs="?", help="only this source")
     client("health", "exit 0 when healthy, 4 when degraded")
     runs = client("runs", "recent runs, newest first")
     runs.add_argument("source", nargs="?", help="only this source's runs")
@@ -73,7 +111,29 @@ def _parser() -> argparse.ArgumentParser:
     trigger = client("trigger", "queue a run of SOURCE now")
     trigger.add_argument("source")
     trigger.add_argument("--at", metavar="TIME", help="the slot (ISO 8601 with offset) to run")
+    trigger.add_argument(
+        "--wait", action="store_true", help="follow the run to its end; exit 1 if it failed"
+    )
+    trigger.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="with --wait: give up (exit 1) after this many seconds (default 600)",
+    )
     return parser
+
+
+_EXIT_CODES = """exit codes:
+  0    ok (trigger --wait: the run was stored)
+  1    the daemon answered with an error (e.g. unknown source), or the followed run failed
+  2    usage or configuration error
+  3    the daemon or its NATS cannot be reached
+  4    degraded (health)
+  130  interrupted"""
+
+#: The roles of ``coleta run --role`` (kept here so ``--help`` needs no daemon import).
+ROLE_NAMES = ("ticker", "fetcher", "writer", "service")
 
 
 def _error(message: str) -> None:
@@ -84,13 +144,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            settings = load_settings(args.file, env={})
+            settings = load_settings(args.file, env={}, secret_env=os.environ)
             names = ", ".join(s.name for s in settings.sources) or "no sources"
             sys.stdout.write(f"{args.file}: ok ({len(settings.sources)} sources: {names})\n")
             return EXIT_OK
-        if args.command in ("run", "migrate"):
+        if args.command == "run":
+            roles = _roles(args.role)
             settings = load_settings(args.config)
-            return anyio.run(_RUNNERS[args.command], settings, backend="asyncio")
+            return anyio.run(_run, settings, args.config, roles, backend="asyncio")
+        if args.command == "migrate":
+            settings = load_settings(args.config)
+            return anyio.run(_migrate, settings, backend="asyncio")
         return anyio.run(_client, args, backend="asyncio")
     except ConfigError as exc:
         _error(str(exc))
@@ -102,10 +166,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-async def _run(settings: Settings) -> int:
+def _roles(text: str) -> frozenset[str]:
+    roles = frozenset(role.strip() for role in text.split(",") if role.strip())
+    unknown = sorted(roles - set(ROLE_NAMES))
+    if unknown or not roles:
+        what = f"unknown role {unknown[0]!r}" if unknown else "no role given"
+        raise ConfigError(f"--role: {what} (roles: {', '.join(ROLE_NAMES)})")
+    return roles
+
+
+async def _run(settings: Settings, config: str | None, roles: frozenset[str]) -> int:
     from daemon.app import run
 
-    return await run(settings)
+    return await run(settings, config=config, roles=roles)
 
 
 async def _migrate(settings: Settings) -> int:
@@ -122,19 +195,28 @@ async def _migrate(settings: Settings) -> int:
     return EXIT_OK
 
 
-_RUNNERS = {"run": _run, "migrate": _migrate}
-
-
 def _client_server(args: argparse.Namespace) -> tuple[str, str]:
-    """The NATS URL and bus prefix of the daemon to talk to."""
+    """The NATS URL and bus prefix of the daemon to talk to.
+
+    Only ``nats_url``, ``bus_prefix`` and ``state_dir`` are read from the config, without
+    validating the rest: a client must still reach a daemon whose file is being edited, and
+    needs none of its secrets.
+    """
     from daemon.embedded import read_state_urls
 
-    prefix = os.environ.get("COLETA_BUS_PREFIX", "coleta")
-    state_dir = os.environ.get("COLETA_STATE_DIR", ".coleta")
-    configured: str | None = None
-    if args.config or os.environ.get("COLETA_CONFIG") or os.environ.get("EXTERNAL_API_URL"):
-        settings = load_settings(args.config)
-        prefix, state_dir, configured = settings.bus_prefix, settings.state_dir, settings.nats_url
+    data: dict[str, Any] = {}
+    path = args.config or os.environ.get("COLETA_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except (OSError, tomllib.TOMLDecodeError):
+            data = {}
+    prefix = os.environ.get("COLETA_BUS_PREFIX") or str(data.get("bus_prefix") or "coleta")
+    state_dir = os.environ.get("COLETA_STATE_DIR") or str(data.get("state_dir") or ".coleta")
+    configured = data.get("nats_url") if isinstance(data.get("nats_url"), str) else None
     url = (
         args.server
         or os.environ.get("NATS_URL")
@@ -145,93 +227,291 @@ def _client_server(args: argparse.Namespace) -> tuple[str, str]:
     return url, prefix
 
 
-async def _client(args: argparse.Namespace) -> int:
-    import nats
-    import nats.errors
+class _Failed(Exception):
+    """One line for stderr, and the exit code to leave with."""
 
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def _client(args: argparse.Namespace) -> int:
     url, prefix = _client_server(args)
+    try:
+        async with _connect(url, args.timeout) as nc:
+
+            async def request(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+                return await _request(nc, url, f"{prefix}.{endpoint}", body, args.timeout)
+
+            return await _COMMANDS[args.command](args, request)
+    except _Failed as exc:
+        _error(str(exc))
+        return exc.code
+
+
+Request = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+@contextlib.asynccontextmanager
+async def _connect(url: str, timeout_s: float) -> AsyncIterator[Any]:
+    import nats
 
     async def quiet(exc: Exception) -> None:
         """nats-py prints every connection error with a traceback unless told otherwise."""
 
     try:
-        with anyio.fail_after(args.timeout):
+        with anyio.fail_after(timeout_s):
             # allow_reconnect=False makes nats-py retry a refused first connect forever.
             nc = await nats.connect(
-                url,
+                [server.strip() for server in url.split(",")],
                 connect_timeout=2,
                 max_reconnect_attempts=1,
                 reconnect_time_wait=0.1,
                 error_cb=quiet,
             )
     except TimeoutError:
-        _error(f"cannot reach NATS at {url}: no answer within {args.timeout:g} s")
-        return EXIT_UNREACHABLE
+        raise _Failed(
+            f"cannot reach NATS at {url}: no answer within {timeout_s:g} s", EXIT_UNREACHABLE
+        ) from None
     except Exception as exc:  # nats-py raises several unrelated types for "cannot connect"
-        _error(f"cannot reach NATS at {url}: {exc or type(exc).__name__}")
-        return EXIT_UNREACHABLE
+        raise _Failed(
+            f"cannot reach NATS at {url}: {exc or type(exc).__name__}", EXIT_UNREACHABLE
+        ) from None
     try:
-        body: dict[str, Any] = {}
-        if args.command == "runs":
-            body = {"limit": args.limit} | ({"source": args.source} if args.source else {})
-        elif args.command == "trigger":
-            body = {"source": args.source} | ({"scheduled_for": args.at} if args.at else {})
-        try:
-            msg = await nc.request(
-                f"{prefix}.{args.command}", msgspec.json.encode(body), timeout=args.timeout
-            )
-        except nats.errors.NoRespondersError:
-            _error(f"no coleta daemon answers on {prefix}.{args.command} at {url}")
-            return EXIT_UNREACHABLE
-        except nats.errors.TimeoutError:
-            _error(f"no reply from the daemon within {args.timeout:g} s ({url})")
-            return EXIT_UNREACHABLE
+        yield nc
     finally:
-        await nc.close()
+        with anyio.CancelScope(shield=True):
+            await nc.close()
+
+
+async def _request(
+    nc: Any, url: str, subject: str, body: dict[str, Any], timeout_s: float
+) -> dict[str, Any]:
+    """The decoded reply; an error reply or no reply raises ``_Failed``."""
+    import nats.errors
+
+    try:
+        msg = await nc.request(subject, msgspec.json.encode(body), timeout=timeout_s)
+    except nats.errors.NoRespondersError:
+        raise _Failed(f"no coleta daemon answers on {subject} at {url}", EXIT_UNREACHABLE) from None
+    except (nats.errors.TimeoutError, TimeoutError):
+        raise _Failed(
+            f"no reply from the daemon within {timeout_s:g} s ({url})", EXIT_UNREACHABLE
+        ) from None
     headers = msg.headers or {}
-    reply = msgspec.json.decode(msg.data) if msg.data else {}
     if "Nats-Service-Error" in headers:
-        _error(headers["Nats-Service-Error"])
-        return EXIT_FAILED
+        raise _Failed(headers["Nats-Service-Error"], EXIT_FAILED)
+    reply: dict[str, Any] = msgspec.json.decode(msg.data) if msg.data else {}
+    return reply
+
+
+def _print_json(reply: Any) -> None:
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(reply), indent=2).decode() + "\n")
+
+
+async def _cmd_health(args: argparse.Namespace, request: Request) -> int:
+    reply = await request("health", {})
     if args.json:
-        sys.stdout.write(msgspec.json.format(msg.data, indent=2).decode() + "\n")
+        _print_json(reply)
     else:
-        sys.stdout.write(_render(args.command, reply))
-    if args.command == "health" and reply.get("status") != "ok":
-        return EXIT_DEGRADED
+        reason = f": {reply['reason']}" if reply.get("reason") else ""
+        sys.stdout.write(f"{reply.get('status', '?')}{reason}\n")
+    return EXIT_OK if reply.get("status") == "ok" else EXIT_DEGRADED
+
+
+async def _cmd_status(args: argparse.Namespace, request: Request) -> int:
+    reply = await request("status", {})
+    if args.source is not None:
+        names = [src["name"] for src in reply.get("sources", [])]
+        if args.source not in names:
+            known = ", ".join(names) or "none"
+            raise _Failed(f"unknown source {args.source!r} (configured: {known})", EXIT_FAILED)
+        reply["sources"] = [src for src in reply["sources"] if src["name"] == args.source]
+    if args.json:
+        _print_json(reply)
+    else:
+        sys.stdout.write(render_status(reply, datetime.now(UTC).date()))
     return EXIT_OK
 
 
-def _render(command: str, reply: dict[str, Any]) -> str:
-    """A short human-readable view of a reply."""
-    lines: list[str] = []
-    if command == "health":
-        lines.append(
-            reply.get("status", "?") + (f": {reply['reason']}" if reply.get("reason") else "")
+async def _cmd_runs(args: argparse.Namespace, request: Request) -> int:
+    body: dict[str, Any] = {"limit": args.limit}
+    if args.source:
+        body["source"] = args.source
+    reply = await request("runs", body)
+    if args.json:
+        _print_json(reply)
+    else:
+        sys.stdout.write(render_runs(reply.get("runs", [])))
+    return EXIT_OK
+
+
+#: Run statuses after which a run changes no more.
+_FINAL = {"stored": EXIT_OK, "failed": EXIT_FAILED, "missed": EXIT_FAILED}
+
+
+async def _cmd_trigger(args: argparse.Namespace, request: Request) -> int:
+    body: dict[str, Any] = {"source": args.source}
+    if args.at:
+        body["scheduled_for"] = args.at
+    reply = await request("trigger", body)
+    if not args.wait:
+        if args.json:
+            _print_json(reply)
+        else:
+            sys.stdout.write(f"queued {reply['run_id']} for {reply['scheduled_for']}\n")
+        return EXIT_OK
+    run_id = reply["run_id"]
+    if not args.json:
+        sys.stdout.write(f"queued {run_id} for {reply['scheduled_for']}\n")
+        sys.stdout.flush()
+    seen: tuple[str, int] | None = None
+    run: dict[str, Any] | None = None
+    with anyio.move_on_after(args.wait_timeout):
+        while True:
+            runs = await request("runs", {"source": args.source, "limit": 100})
+            run = next((r for r in runs.get("runs", []) if r["run_id"] == run_id), None)
+            if run is not None:
+                state = (run["status"], run.get("attempts", 0))
+                if state != seen and not args.json:
+                    sys.stdout.write(_progress(run))
+                    sys.stdout.flush()
+                seen = state
+                if run["status"] in _FINAL:
+                    break
+            await anyio.sleep(_POLL_S)
+    if run is None or run["status"] not in _FINAL:
+        status = run["status"] if run is not None else "not recorded yet"
+        raise _Failed(f"run {run_id} still {status} after {args.wait_timeout:g} s", EXIT_FAILED)
+    if args.json:
+        _print_json(run)
+    return _FINAL[run["status"]]
+
+
+#: How often ``trigger --wait`` asks for the run's state.
+_POLL_S = 0.3
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Request], Awaitable[int]]] = {
+    "health": _cmd_health,
+    "status": _cmd_status,
+    "runs": _cmd_runs,
+    "trigger": _cmd_trigger,
+}
+
+
+def _progress(run: dict[str, Any]) -> str:
+    status = run["status"]
+    if status == "stored":
+        took = _took(run)
+        trace = f", trace {run['trace_id']}" if run.get("trace_id") else ""
+        return f"stored: {run['rows']} rows, {run['pages']} pages{took}{trace}\n"
+    if status == "failed":
+        http = f" (HTTP {run['http_status']})" if run.get("http_status") else ""
+        return f"failed after {run.get('attempts', 0)} attempts{http}: {run.get('error') or '?'}\n"
+    if status == "fetching":
+        return f"fetching (attempt {max(1, run.get('attempts', 0))})\n"
+    return f"{status}\n"
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+#: One mark per UTC day in ``coleta status``.
+MARKS = {
+    "stored": "█",
+    "unchanged": "=",
+    "running": "~",
+    "failed": "x",
+    "missed": "·",
+}
+_LEGEND = "  ".join(f"{mark} {name}" for name, mark in MARKS.items()) + "  (blank) no run"
+
+
+def _when(text: str | None) -> str:
+    """``2026-05-01T10:00:00Z`` → ``2026-05-01 10:00`` (UTC), ``-`` for none."""
+    if not text:
+        return "-"
+    moment = datetime.fromisoformat(text).astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
+def _took(run: dict[str, Any]) -> str:
+    if not (run.get("started_at") and run.get("finished_at")):
+        return ""
+    seconds = (
+        datetime.fromisoformat(run["finished_at"]) - datetime.fromisoformat(run["started_at"])
+    ).total_seconds()
+    return f" in {seconds:.1f} s"
+
+
+def strip(days: list[dict[str, Any]], today: date, width: int = STRIP_DAYS) -> str:
+    """One mark per UTC day, oldest first, ending today."""
+    outcome = {day["day"]: day["outcome"] for day in days}
+    cells = []
+    for back in range(width - 1, -1, -1):
+        day = (today - timedelta(days=back)).isoformat()
+        cells.append(MARKS.get(outcome.get(day, ""), " "))
+    return "".join(cells)
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    out = []
+    for row in [header, *rows]:
+        cells = [
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def render_status(reply: dict[str, Any], today: date) -> str:
+    bus, database = reply["bus"], reply["database"]
+    lines = [
+        f"coleta {reply['version']}  up {reply['uptime_s']:.0f} s  "
+        f"bus {'ok' if bus['ok'] else bus['detail']}  "
+        f"database {'ok' if database['ok'] else database['detail']}"
+    ]
+    rows = []
+    for src in reply.get("sources", []):
+        last = src.get("last_run") or {}
+        rows.append(
+            [
+                src["name"],
+                src["schedule"] + ("" if src["timezone"] == "UTC" else f" ({src['timezone']})"),
+                _when(src.get("next_run")),
+                _when(last.get("scheduled_for")),
+                last.get("status", "-"),
+                str(src["rows"]),
+                str(src["consecutive_failures"]),
+                str(src.get("dead_letters", 0)),
+                f"|{strip(src.get('days', []), today)}|",
+            ]
         )
-    elif command == "trigger":
-        lines.append(f"queued {reply['run_id']} for {reply['scheduled_for']}")
-    elif command == "runs":
-        lines.append(f"{'RUN':44} {'STATUS':9} {'ROWS':>5} {'HTTP':>4}  TRACE")
-        for run in reply.get("runs", []):
-            lines.append(
-                f"{run['run_id']:44} {run['status']:9} {run['rows']:>5}"
-                f" {run.get('http_status') or '':>4}  {run.get('trace_id') or ''}"
-            )
-    elif command == "status":
-        lines.append(
-            f"coleta {reply['version']}  up {reply['uptime_s']:.0f} s  "
-            f"bus {'ok' if reply['bus']['ok'] else reply['bus']['detail']}  "
-            f"database {'ok' if reply['database']['ok'] else reply['database']['detail']}"
-        )
-        lines.append(f"{'SOURCE':20} {'SCHEDULE':16} {'NEXT RUN':26} {'LAST':8} {'ROWS':>6} FAILS")
-        for src in reply.get("sources", []):
-            last = src.get("last_run") or {}
-            lines.append(
-                f"{src['name']:20} {src['schedule']:16} {src.get('next_run') or '-':26}"
-                f" {last.get('status', '-'):8} {src['rows']:>6} {src['consecutive_failures']}"
-            )
+    header = ["SOURCE", "SCHEDULE", "NEXT RUN", "LAST RUN", "LAST", "ROWS", "FAILS", "DLQ"]
+    header.append(f"LAST {STRIP_DAYS} DAYS")
+    lines += _table(header, rows, right={5, 6, 7})
+    lines.append(f"times in UTC; days: {_LEGEND}")
     return "\n".join(lines) + "\n"
+
+
+def render_runs(runs: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            run["run_id"],
+            run["trigger"],
+            _when(run["scheduled_for"]),
+            run["status"],
+            str(run["rows"]),
+            str(run.get("http_status") or ""),
+            _took(run).removeprefix(" in "),
+            run.get("trace_id") or "",
+            (run.get("error") or "")[:60],
+        ]
+        for run in runs
+    ]
+    header = ["RUN", "TRIGGER", "SCHEDULED", "STATUS", "ROWS", "HTTP", "TOOK", "TRACE", "ERROR"]
+    return "\n".join(_table(header, rows, right={4, 5, 6})) + "\n"
 
 
 if __name__ == "__main__":

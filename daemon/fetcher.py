@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from opentelemetry import trace
 
 from contracts import CollectCommand, FetchFailed, FetchStarted, RawPayload, decoder
-from daemon import _tracing
+from daemon import _metrics, _tracing
 from daemon._bus import Bus, PullSubscription
 from daemon._http import Fetched, backoff_s, build_request, send
 from daemon._leases import Lease, Leases
@@ -75,6 +75,10 @@ class Fetcher:
         self._leases = Leases(bus.leases) if bus.leases is not None else None
         #: Per run id: times it was handed back because another replica held the lease.
         self._lease_waits: dict[str, int] = {}
+
+    def reload(self, settings: Settings) -> None:
+        """Fetch with these sources' configuration from now on (SIGHUP)."""
+        self._settings = settings
 
     def stop_intake(self) -> None:
         """Take no new commands; runs already started go on."""
@@ -198,6 +202,7 @@ class Fetcher:
             await self._bus.dead_letter(
                 msg, source=source_name, run_id=None, code="poison", error=str(exc)
             )
+            _metrics.record_dead_letter(source_name, "poison", stage="fetcher")
             await msg.term()
             return
         # Hand-backs because another replica was running the source are not attempts.
@@ -270,6 +275,7 @@ class Fetcher:
                     "fetch.retry",
                     extra=_failure_fields(command, attempt, exc) | {"retry_in_s": delay},
                 )
+                _metrics.record_retry(command.source, exc.code)
                 await msg.nak(delay=delay)
                 return
             await self._fail(msg, command, attempt, exc.code, str(exc), exc.status, exc.url)
@@ -317,6 +323,7 @@ class Fetcher:
                 _tracing.COLETA_RUN_ID: command.run_id,
             },
         ) as span:
+            started = anyio.current_time()
             try:
                 with anyio.fail_after(source.total_timeout_s):
                     fetched = await send(
@@ -324,6 +331,7 @@ class Fetcher:
                     )
             except TimeoutError as exc:
                 span.set_attribute("error.type", "timeout")
+                _record_http(source, request, started, error_type="timeout")
                 raise FetchTransient(
                     f"the run took longer than total_timeout_s ({source.total_timeout_s:g} s)",
                     source=source.name,
@@ -335,9 +343,13 @@ class Fetcher:
                 if status is not None:
                     span.set_attribute("http.response.status_code", status)
                 span.set_attribute("error.type", exc.code)
+                _record_http(source, request, started, status=status, error_type=exc.code)
                 raise
             span.set_attribute("http.response.status_code", fetched.status_code)
             span.set_attribute("http.response.body.size", len(fetched.body))
+            _record_http(
+                source, request, started, status=fetched.status_code, body_bytes=len(fetched.body)
+            )
             return fetched
 
     async def _fail(
@@ -383,6 +395,7 @@ class Fetcher:
             error=error,
             msg_id=f"{command.run_id}/r{command.replay}/dlq",
         )
+        _metrics.record_dead_letter(command.source, code, stage="fetcher")
         await self._publish(command, event, msg_id=f"{command.run_id}/r{command.replay}/failed")
 
     async def _publish_payload(self, command: CollectCommand, payload: RawPayload) -> None:
@@ -407,6 +420,28 @@ class Fetcher:
             source=command.source,
             run_id=command.run_id,
         )
+
+
+def _record_http(
+    source: SourceConfig,
+    request: httpx.Request,
+    started: float,
+    *,
+    status: int | None = None,
+    error_type: str | None = None,
+    body_bytes: int | None = None,
+) -> None:
+    url = request.url
+    _metrics.record_http_request(
+        source.name,
+        method=request.method,
+        server_address=url.host,
+        server_port=url.port or (443 if url.scheme == "https" else 80),
+        duration_s=anyio.current_time() - started,
+        status_code=status,
+        error_type=error_type,
+        body_bytes=body_bytes,
+    )
 
 
 def _payload(command: CollectCommand, attempt: int, fetched: Fetched) -> RawPayload:

@@ -20,10 +20,12 @@ import psycopg
 from anyio.abc import TaskStatus
 from nats import micro
 from nats.micro.request import Request
+from nats.micro.service import Service as MicroService
 from psycopg_pool import PoolTimeout
 
 from contracts import (
     ComponentHealth,
+    DayMark,
     DlqReplayReply,
     DlqReplayRequest,
     ErrorDetail,
@@ -37,10 +39,10 @@ from contracts import (
     TriggerRequest,
     encode,
 )
-from daemon import __version__, _deadletters
+from daemon import __version__, _deadletters, _metrics
 from daemon._bus import Bus
 from daemon._db import Database
-from daemon._history import SourceSummary, recent_runs, source_summaries
+from daemon._history import SourceSummary, daily_outcomes, recent_runs, source_summaries
 from daemon._logging import get_logger
 from daemon._queue import queue_run
 from daemon._schedule import run_id_for
@@ -76,6 +78,10 @@ class Service:
         self._settings = settings
         self._started = anyio.current_time()
 
+    def reload(self, settings: Settings) -> None:
+        """Answer for these sources from now on (SIGHUP)."""
+        self._settings = settings
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         s = self._bus.subjects
         svc = await micro.add_service(
@@ -95,7 +101,7 @@ class Service:
                 await svc.add_endpoint(
                     name=name.replace(".", "_"),
                     subject=s.endpoint(name),
-                    handler=self._wrap(name, handler),
+                    handler=self._wrap(svc, name, handler),
                 )
             await self._bus.nc.flush()
             task_status.started()
@@ -108,17 +114,21 @@ class Service:
                     log.warning("service.stop_failed", extra={"error": str(exc)})
 
     def _wrap(
-        self, endpoint: str, handler: Callable[[bytes], Awaitable[msgspec.Struct]]
+        self,
+        svc: MicroService,
+        endpoint: str,
+        handler: Callable[[bytes], Awaitable[msgspec.Struct]],
     ) -> Callable[[Request], Awaitable[None]]:
         async def handle(request: Request) -> None:
             try:
                 reply = await handler(request.data)
             except ServiceFailure as exc:
-                await _respond_error(request, exc.code, exc.message)
+                await _respond_error(svc, endpoint, request, exc.code, exc.message)
                 return
             except Exception:
                 log.exception("service.failed", extra={"endpoint": endpoint})
-                await _respond_error(request, "internal", f"{endpoint} failed; see the daemon log")
+                message = f"{endpoint} failed; see the daemon log"
+                await _respond_error(svc, endpoint, request, "internal", message)
                 return
             await request.respond(encode(reply))
 
@@ -131,9 +141,12 @@ class Service:
         bus, database = await self._checks()
         sources = self._settings.sources
         summaries: dict[str, SourceSummary] = {}
+        days: dict[str, list[DayMark]] = {}
         if database.ok:
+            names = [src.name for src in sources]
             try:
-                summaries = await source_summaries(self._db, [src.name for src in sources])
+                summaries = await source_summaries(self._db, names)
+                days = await daily_outcomes(self._db, names, now.date())
             except (psycopg.Error, PoolTimeout) as exc:
                 database = ComponentHealth(ok=False, detail=_first_line(exc))
         try:
@@ -154,6 +167,7 @@ class Service:
                     consecutive_failures=summary.consecutive_failures if summary else 0,
                     rows=summary.rows if summary else 0,
                     dead_letters=dead.get(src.name, 0),
+                    days=days.get(src.name, []),
                 )
             )
         return StatusReply(
@@ -259,9 +273,13 @@ def _parse_trigger(data: bytes) -> TriggerRequest:
     return _decode(text, TriggerRequest, empty=TriggerRequest(source=""))
 
 
-async def _respond_error(request: Request, code: str, message: str) -> None:
+async def _respond_error(
+    svc: MicroService, endpoint: str, request: Request, code: str, message: str
+) -> None:
     body = encode(ErrorReply(error=ErrorDetail(code=code, message=message)))
     status = ServiceFailure.STATUS.get(code, "500")
+    # nats-py counts only raised errors in $SRV.STATS; an error we answer is counted here.
+    _metrics.count_service_error(svc, endpoint.replace(".", "_"), status, message)
     try:
         await request.respond_error(status, message, data=body)
     except nats.errors.Error as exc:

@@ -8,6 +8,12 @@ Environment: ``NATS_URL``, ``DATABASE_URL``, ``LOG_LEVEL``, ``COLETA_STATE_DIR``
 ``COLETA_BUS_PREFIX`` and ``COLETA_DATABASE_SCHEMA`` override the file. With no config
 file, ``EXTERNAL_API_URL`` (+ ``EXTERNAL_API_KEY`` sent as a Bearer token, ``SCHEDULE_HOUR``)
 defines one source named ``external_api`` that runs daily at that hour (the original setup).
+
+Secrets: a header or query parameter value may be a table ``{ secret = "api_token" }``
+(optionally with ``prefix = "Bearer "``), resolved when the config is loaded from the file
+``$CREDENTIALS_DIRECTORY/api_token`` (systemd ``LoadCredential=``), else from the environment
+variable ``COLETA_SECRET_API_TOKEN``. A missing secret is a ConfigError naming the key; a
+secret's value is never logged.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ __all__ = [
     "load_settings",
     "parse_duration",
     "parse_settings",
+    "resolve_secrets",
 ]
 
 SECONDS = 1.0
@@ -85,6 +92,8 @@ class SourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     catchup_window: str = "7d"
     #: Let a new run of this source start while another is still being fetched.
     allow_overlap: bool = False
+    #: Keep this many days of collected rows and runs; older ones are pruned. Unset: keep all.
+    retention_days: PositiveInt | None = None
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -154,6 +163,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     #: How long JetStream keeps commands and payloads (and de-duplicates run ids).
     stream_max_age_s: PositiveFloat = 7 * 24 * 60 * MINUTES
     duplicate_window_s: PositiveFloat = 60 * MINUTES
+    #: Copies JetStream keeps of each stream (1, or 3/5 on a NATS cluster).
+    stream_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    #: Where JetStream keeps the streams: ``file`` (survives restarts) or ``memory``.
+    stream_storage: Literal["file", "memory"] = "file"
 
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}
@@ -251,8 +264,66 @@ def _legacy_source(env: Mapping[str, str]) -> dict[str, Any] | None:
     return source
 
 
-def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Read ``path`` (or ``$COLETA_CONFIG``), apply the environment, validate."""
+_SECRET_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _secret(key: str, ref: Mapping[str, Any], env: Mapping[str, str]) -> str:
+    """The value of ``{ secret = "name", prefix = "…" }`` at ``key``; ConfigError if missing."""
+    unknown = sorted(set(ref) - {"secret", "prefix"})
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}: unknown key (a secret takes secret and prefix)")
+    name, prefix = ref.get("secret"), ref.get("prefix", "")
+    if not isinstance(name, str) or not _SECRET_NAME_RE.match(name):
+        raise ConfigError(f"{key}.secret: {name!r} must be a name matching [A-Za-z0-9_.-]+")
+    if not isinstance(prefix, str):
+        raise ConfigError(f"{key}.prefix: must be a string (got {prefix!r})")
+    var = "COLETA_SECRET_" + re.sub(r"[^A-Z0-9]", "_", name.upper())
+    if directory := env.get("CREDENTIALS_DIRECTORY"):
+        try:
+            return prefix + (Path(directory) / name).read_text().rstrip("\r\n")
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"{key}: secret {name!r}: cannot read: {exc.strerror}") from None
+    if (value := env.get(var)) is not None:
+        return prefix + value
+    raise ConfigError(
+        f"{key}: secret {name!r} not found (no file $CREDENTIALS_DIRECTORY/{name},"
+        f" no variable {var})"
+    )
+
+
+def resolve_secrets(data: dict[str, Any], origin: str, env: Mapping[str, str]) -> None:
+    """Replace every ``{ secret = … }`` header or parameter value in place."""
+    sources = data.get("sources")
+    if not isinstance(sources, list):
+        return
+    for i, source in enumerate(sources):
+        if not isinstance(source, dict):
+            continue
+        for table in ("headers", "params"):
+            values = source.get(table)
+            if not isinstance(values, dict):
+                continue
+            for name, value in values.items():
+                if isinstance(value, dict):
+                    resolved = _secret(f"{origin}: sources[{i}].{table}.{name}", value, env)
+                    # Parameters are templates: a brace in a secret must stay a brace.
+                    if table == "params":
+                        resolved = resolved.replace("{", "{{").replace("}", "}}")
+                    values[name] = resolved
+
+
+def load_settings(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    secret_env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read ``path`` (or ``$COLETA_CONFIG``), resolve secrets, apply the environment, validate.
+
+    Secrets come from ``secret_env`` (default: ``env``).
+    """
     env = os.environ if env is None else env
     path = path or env.get("COLETA_CONFIG") or None
     data: dict[str, Any] = {}
@@ -286,4 +357,5 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     ):
         if value := env.get(var):
             data[key] = value
+    resolve_secrets(data, origin, env if secret_env is None else secret_env)
     return parse_settings(data, origin)

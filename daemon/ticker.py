@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 import anyio
 from anyio.abc import TaskStatus
 
+from daemon import _metrics
 from daemon._bus import Bus
 from daemon._catchup import CatchupPlan, catch_up
 from daemon._clock import Clock
@@ -55,10 +56,38 @@ class Ticker:
         #: What start-up catch-up did, per enabled source (filled when it is done).
         self.catchup: dict[str, CatchupPlan] = {}
         self._scope = anyio.CancelScope()
+        #: Cancelled to wake the tick loop when the heap was re-planned (``reload``).
+        self._sleep = anyio.CancelScope()
+        self._planned = False
+        #: Bumped by every ``reload``, so a tick in flight meanwhile does not plan twice.
+        self._plans = 0
 
     def stop(self) -> None:
         """Publish nothing more."""
         self._scope.cancel()
+
+    def reload(self, settings: Settings) -> None:
+        """Use these sources from now on: re-plan added, re-timed and removed ones (SIGHUP)."""
+        old, self._settings = self._settings, settings
+        if not self._planned:
+            return
+        now = self._clock.now()
+        enabled = {source.name: source for source in settings.sources if source.enabled}
+        same = {
+            name
+            for name, source in enabled.items()
+            if (previous := old.source(name)) is not None
+            and previous.enabled
+            and (previous.schedule, previous.timezone) == (source.schedule, source.timezone)
+        }
+        heap = [entry for entry in self._heap if entry[1] in same]
+        for name in enabled.keys() - same:
+            slot = enabled[name].cron.next_after(now)
+            heap.append((slot, name, slot))
+        heapq.heapify(heap)
+        self._heap = heap
+        self._plans += 1
+        self._sleep.cancel()
 
     def next_runs(self) -> dict[str, datetime]:
         """Each scheduled source's next fire time."""
@@ -76,6 +105,7 @@ class Ticker:
             slot = configured.cron.next_after(now)
             self._heap.append((slot, configured.name, slot))
         heapq.heapify(self._heap)
+        self._planned = True
         async with anyio.create_task_group() as tg:
             # The same ``now`` as the heap: catch-up owns slots <= now, ticking those after.
             tg.start_soon(self._catch_up, enabled, now, name="ticker-catchup")
@@ -88,21 +118,30 @@ class Ticker:
         self.caught_up.set()
 
     async def _tick_forever(self) -> None:
-        while self._heap:
-            await self._clock.sleep_until(self._heap[0][0])
+        while True:
+            with anyio.CancelScope() as self._sleep:
+                if self._heap:
+                    await self._clock.sleep_until(self._heap[0][0])
+                else:
+                    await anyio.sleep_forever()
+            if self._sleep.cancelled_caught:
+                continue  # re-planned: wait for the new first slot
             now = self._clock.now()
             while self._heap and self._heap[0][0] <= now:
                 _, name, slot = heapq.heappop(self._heap)
                 source = self._settings.source(name)
                 if source is None or not source.enabled:
                     continue
-                if await self._tick(source, slot, now):
+                plans = self._plans
+                queued = await self._tick(source, slot, now)
+                if plans != self._plans and any(entry[1] == name for entry in self._heap):
+                    continue  # re-planned while this slot was being queued
+                if queued:
                     nxt = self._following(source, slot, now)
                     heapq.heappush(self._heap, (nxt, name, nxt))
                 else:
                     retry_at = now + timedelta(seconds=_RETRY_S)
                     heapq.heappush(self._heap, (retry_at, name, slot))
-        await anyio.sleep_forever()
 
     @staticmethod
     def _following(source: SourceConfig, slot: datetime, now: datetime) -> datetime:
@@ -126,6 +165,7 @@ class Ticker:
             )
             return False
         self.ticks += 1
+        _metrics.record_lateness(source.name, lateness_s, trigger="schedule")
         log.info(
             "tick.queued",
             extra={"source": source.name, "run_id": run_id, "lateness_s": round(lateness_s, 3)},

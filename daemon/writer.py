@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -37,7 +38,7 @@ from contracts import (
     RunMissed,
     decoder,
 )
-from daemon import _tracing
+from daemon import _metrics, _tracing
 from daemon._bus import Bus, PullSubscription, message_trace_id
 from daemon._db import Database
 from daemon._logging import get_logger
@@ -322,6 +323,8 @@ class Writer:
             for item in items:
                 await _settle(partial(item.msg.nak, delay=_STORE_RETRY_S))
             return
+        started = anyio.current_time()
+        outcome: _metrics.BatchOutcome = "committed"
         with _tracing.batch_span(
             f"write {consumer}", (item.msg.headers for item in items)
         ) as batch:
@@ -337,10 +340,17 @@ class Writer:
                 _end_spans(items, error=str(exc))
                 for item in items:
                     await _settle(partial(item.msg.nak, delay=_STORE_RETRY_S))
+                _metrics.record_batch(
+                    consumer,
+                    size=len(items),
+                    duration_s=anyio.current_time() - started,
+                    outcome="store_unavailable",
+                )
                 await anyio.sleep(_STORE_RETRY_S)
                 return
             except psycopg.Error as exc:
                 log.warning("write.batch_rejected", extra={"error": str(exc), "size": len(items)})
+                outcome = "split"
                 await self._store_one_by_one(items)
             else:
                 _end_spans(items)
@@ -348,6 +358,9 @@ class Writer:
                     await _settle(item.msg.ack)
                 await self._forget_bodies(items)
         self.batches += 1
+        _metrics.record_batch(
+            consumer, size=len(items), duration_s=anyio.current_time() - started, outcome=outcome
+        )
 
     async def _resolve_bodies(self, items: Sequence[_Item]) -> None:
         """Read bodies that travelled through the object store into their rows."""
@@ -373,11 +386,14 @@ class Writer:
                 conn.cursor() as cur,
             ):
                 if rows:
-                    await cur.executemany(INSERT_DATA, rows)
-                await cur.executemany(UPSERT_RUN, [item.run_row for item in items])
+                    with _sql_span(conn, self._db.schema, "collected_data", len(rows)):
+                        await cur.executemany(INSERT_DATA, rows)
+                with _sql_span(conn, self._db.schema, "collection_runs", len(items)):
+                    await cur.executemany(UPSERT_RUN, [item.run_row for item in items])
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(str(exc).strip() or type(exc).__name__) from exc
         self.rows_written += len(rows)
+        _record_committed(items)
 
     async def _store_one_by_one(self, items: Sequence[_Item]) -> None:
         for item in items:
@@ -408,13 +424,17 @@ class Writer:
         )
         try:
             async with self._db.pool.connection() as conn:
-                await conn.execute(UPSERT_RUN, run)
+                with _sql_span(conn, self._db.schema, "collection_runs", 1):
+                    await conn.execute(UPSERT_RUN, run)
         except psycopg.Error as second:
             log.error("write.reject_failed", extra={"run_id": run["run_id"], "error": str(second)})
             _end_spans([item], error=str(second))
             await _settle(partial(item.msg.nak, delay=_STORE_RETRY_S))
             return
         _end_spans([item], error=reason)
+        _metrics.record_run(
+            run["source"], "failed", trigger=run["trigger"], error_type="store_rejected"
+        )
         await self._dead_letter(item.msg, run["source"], run["run_id"], "store_rejected", reason)
         await _settle(item.msg.term)
 
@@ -431,6 +451,8 @@ class Writer:
             )
         except TransientError as exc:
             log.error("write.dead_letter_failed", extra={"run_id": run_id, "error": str(exc)})
+        else:
+            _metrics.record_dead_letter(source or msg.subject.split(".")[2], code, stage="writer")
 
 
 def _message_span(item: _Item, consumer: str) -> Span:
@@ -453,6 +475,39 @@ def _message_span(item: _Item, consumer: str) -> Span:
         },
         links=[trace.Link(trace.get_current_span().get_span_context())],
     )
+
+
+def _sql_span(
+    conn: psycopg.AsyncConnection[Any], schema: str, table: str, count: int
+) -> AbstractContextManager[Span]:
+    """The CLIENT span of one statement (``executemany`` of ``count`` parameter sets)."""
+    info = conn.info  # read from libpq: no round trip
+    return _tracing.db_span(
+        "INSERT",
+        table,
+        batch_size=count,
+        namespace=f"{info.dbname}.{schema}",
+        server_address=info.host,
+        server_port=info.port,
+    )
+
+
+def _record_committed(items: Sequence[_Item]) -> None:
+    """Count what a committed transaction holds: rows per source and finished runs."""
+    rows: dict[str, int] = {}
+    for item in items:
+        run = item.run_row
+        if item.data_row is not None:
+            rows[run["source"]] = rows.get(run["source"], 0) + 1
+        if run["status"] in ("stored", "failed", "missed"):
+            _metrics.record_run(
+                run["source"],
+                run["status"],
+                trigger=run["trigger"],
+                error_type=run["error_code"] if run["status"] == "failed" else None,
+            )
+    for source, count in rows.items():
+        _metrics.record_rows(source, count)
 
 
 def _end_spans(items: Sequence[_Item], *, error: str | None = None) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -10,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +123,13 @@ def daemon_process(
 ) -> Iterator[tuple[subprocess.Popen[str], dict[str, str], Path]]:
     """``coleta run`` as a child process on the test's servers."""
     api.route("/cli", json={"from": "cli"})
+    api.route("/broken", status=404, json={"error": "no such thing"})
     config = write_config(
         tmp_path / "coleta.toml",
         f'bus_prefix = "{bus_prefix}"\ndatabase_schema = "{db_schema}"\n'
         f'state_dir = "{tmp_path / "state"}"\n'
-        f'[[sources]]\nname = "cli"\nurl = "{api.url("/cli")}"\nschedule = "0 0 1 1 *"\n',
+        f'[[sources]]\nname = "cli"\nurl = "{api.url("/cli")}"\nschedule = "0 0 1 1 *"\n'
+        f'[[sources]]\nname = "broken"\nurl = "{api.url("/broken")}"\nschedule = "0 0 1 1 *"\n',
     )
     env = clean_env(NATS_URL=nats_url, DATABASE_URL=database_url, COLETA_CONFIG=str(config))
     log = (tmp_path / "daemon.log").open("w")
@@ -190,7 +195,8 @@ def test_run_trigger_status_and_sigterm(
     assert status.returncode == 0, status.stderr
     assert "bus ok  database ok" in status.stdout
     (line,) = [ln for ln in status.stdout.splitlines() if ln.startswith("cli ")]
-    assert line.split()[-3:] == ["stored", "1", "0"]
+    # LAST, ROWS, FAILS, DLQ, then the 30-day strip ending today with a stored run.
+    assert re.search(r" stored +1 +0 +0 +\| *█\|$", line), line
 
     runs = coleta("runs", "cli", "--json", env=env)
     assert runs.returncode == 0
@@ -198,7 +204,7 @@ def test_run_trigger_status_and_sigterm(
 
     unknown = coleta("trigger", "nope", env=env)
     assert unknown.returncode == 1
-    assert unknown.stderr == "coleta: unknown source 'nope' (configured: cli)\n"
+    assert unknown.stderr == "coleta: unknown source 'nope' (configured: cli, broken)\n"
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
@@ -325,3 +331,119 @@ def test_migrate_applies_the_schema_once(database_url: str, db_schema: str) -> N
         ).fetchall()
     assert tables == [("collected_data",), ("collection_runs",), ("schema_migrations",)]
     assert versions == [(1, "0001_init.sql"), (2, "0002_missed_and_replayed_runs.sql")]
+
+
+def test_status_strip_shows_each_days_best_outcome(
+    daemon_process: tuple[subprocess.Popen[str], dict[str, str], Path],
+    database_url: str,
+    db_schema: str,
+) -> None:
+    """One mark per UTC day: stored beats unchanged beats failed beats missed; gaps are blank."""
+    _, env, _ = daemon_process
+    today = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    history = [
+        (1, "stored", 3),
+        (2, "failed", 0),
+        (3, "missed", 0),
+        (4, "stored", 0),  # stored, nothing new: unchanged
+        (5, "failed", 0),
+        (5, "stored", 2),  # a failure then a success the same day: stored
+        (6, "missed", 0),
+        (6, "failed", 0),  # a failed run beats a missed slot
+        (29, "stored", 1),  # the oldest day of the strip
+        (30, "stored", 1),  # one day too old: not shown
+    ]
+    with psycopg.connect(database_url, options=f"-c search_path={db_schema}") as conn:
+        for i, (back, outcome, rows) in enumerate(history):
+            slot = today - timedelta(days=back)
+            conn.execute(
+                "INSERT INTO collection_runs (run_id, source, trigger, scheduled_for, status, rows,"
+                " created_at) VALUES (%s, 'cli', 'schedule', %s, %s, %s, %s)",
+                (f"cli@old-{i}", slot, outcome, rows, slot),
+            )
+    expected = "█" + " " * 22 + "x█=·x█" + " "  # 29 days ago … yesterday, then today (empty)
+
+    status = coleta("status", "cli", env=env)
+    assert status.returncode == 0, status.stderr
+    (line,) = [ln for ln in status.stdout.splitlines() if ln.startswith("cli ")]
+    assert line.endswith(f"|{expected}|"), line
+    assert not [ln for ln in status.stdout.splitlines() if ln.startswith("broken ")]
+    assert "█ stored  = unchanged  ~ running  x failed  · missed" in status.stdout
+
+    as_json = coleta("status", "cli", "--json", env=env)
+    assert as_json.returncode == 0
+    (source,) = json.loads(as_json.stdout)["sources"]
+    days = {d["day"]: d["outcome"] for d in source["days"]}
+    assert len(days) == 7
+    assert days[(today - timedelta(days=4)).date().isoformat()] == "unchanged"
+    assert days[(today - timedelta(days=6)).date().isoformat()] == "failed"
+
+    unknown = coleta("status", "nope", env=env)
+    assert unknown.returncode == 1
+    assert unknown.stderr == "coleta: unknown source 'nope' (configured: cli, broken)\n"
+
+
+def test_trigger_wait_follows_the_run_and_exits_by_its_outcome(
+    daemon_process: tuple[subprocess.Popen[str], dict[str, str], Path],
+) -> None:
+    _, env, _ = daemon_process
+    ok = coleta("trigger", "cli", "--wait", "--wait-timeout", "20", env=env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    lines = ok.stdout.splitlines()
+    assert lines[0].startswith("queued cli@")
+    assert re.match(r"stored: 1 rows, 1 pages in \d+\.\d s, trace [0-9a-f]{32}$", lines[-1])
+
+    failed = coleta("trigger", "broken", "--wait", "--wait-timeout", "20", env=env)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert failed.stdout.splitlines()[-1].startswith("failed after 1 attempts (HTTP 404): ")
+
+    as_json = coleta("trigger", "cli", "--wait", "--json", env=env)
+    assert as_json.returncode == 0
+    run = json.loads(as_json.stdout)
+    assert (run["source"], run["status"], run["trigger"]) == ("cli", "stored", "manual")
+
+    runs = coleta("runs", "--limit", "2", env=env)
+    assert runs.returncode == 0
+    header, *rows = runs.stdout.splitlines()
+    assert header.split() == [
+        "RUN",
+        "TRIGGER",
+        "SCHEDULED",
+        "STATUS",
+        "ROWS",
+        "HTTP",
+        "TOOK",
+        "TRACE",
+        "ERROR",
+    ]
+    assert len(rows) == 2
+    assert rows[0].startswith(run["run_id"])
+    assert run["trace_id"] in rows[0]
+    assert rows[1].startswith("broken@")
+    assert re.search(r" failed +0 +404 ", rows[1]), rows[1]
+
+    unknown = coleta("trigger", "nope", "--wait", env=env)
+    assert unknown.returncode == 1
+    assert "Traceback" not in unknown.stderr
+    assert unknown.stderr.count("\n") == 1
+
+
+def test_health_and_runs_errors_are_one_line(
+    daemon_process: tuple[subprocess.Popen[str], dict[str, str], Path], nats_url: str
+) -> None:
+    _, env, _ = daemon_process
+    health = coleta("health", "--json", env=env)
+    assert health.returncode == 0
+    assert json.loads(health.stdout)["status"] == "ok"
+    assert coleta("health", env=env).stdout == "ok\n"
+
+    runs = coleta("runs", "nope", env=env)
+    assert (runs.returncode, runs.stderr) == (1, "coleta: unknown source 'nope'\n")
+
+    elsewhere = coleta("health", "--server", nats_url, env=clean_env(COLETA_BUS_PREFIX="nobody"))
+    assert elsewhere.returncode == 3
+    assert elsewhere.stderr == f"coleta: no coleta daemon answers on nobody.health at {nats_url}\n"
+
+    bad_role = coleta("run", "--role", "ticker,cook", env=env)
+    assert bad_role.returncode == 2
+    assert bad_role.stderr.startswith("coleta: --role: unknown role 'cook'")

@@ -176,3 +176,19 @@ async def test_the_service_is_discoverable_with_the_micro_protocol(
     }
     requests = {e["name"]: e["num_requests"] for e in stats["endpoints"]}
     assert requests["status"] == 1
+
+
+async def test_error_replies_count_in_the_micro_stats(
+    api: LocalAPI, make_settings: MakeSettings, nats_url: str, bus_prefix: str
+) -> None:
+    async with open_daemon(make_settings(sources(api))):
+        nc = await nats.connect(nats_url)
+        try:
+            await nc.request(f"{bus_prefix}.trigger", b'{"source": "nope"}', timeout=2)
+            stats = json.loads((await nc.request(f"$SRV.STATS.{bus_prefix}", b"", timeout=2)).data)
+        finally:
+            await nc.close()
+    trigger = {e["name"]: e for e in stats["endpoints"]}["trigger"]
+    assert trigger["num_requests"] == 1
+    assert trigger["num_errors"] == 1
+    assert trigger["last_error"] == "404:unknown source 'nope' (configured: good, broken)"

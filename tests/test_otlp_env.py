@@ -1,0 +1,344 @@
+"""OTLP export configured only by the standard OTEL_* variables, up to a real `coleta run`."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import grpc  # type: ignore[import-untyped]  # grpcio ships no stubs
+import psycopg
+import pytest
+from opentelemetry.proto.collector.metrics.v1 import (
+    metrics_service_pb2,
+    metrics_service_pb2_grpc,
+)
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+from daemon import _metrics, _tracing
+from tests.fix_http import LocalAPI
+
+ROOT = Path(__file__).parents[1]
+COLETA = [sys.executable, "-m", "daemon"]
+
+
+@pytest.fixture(autouse=True)
+def _clean_otel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in list(os.environ):
+        if name.startswith("OTEL_"):
+            monkeypatch.delenv(name)
+    _metrics._reset_for_tests()
+    yield
+    _metrics._reset_for_tests()
+    _tracing._reset_for_tests()
+
+
+@dataclass
+class Collector:
+    """What a local OTLP receiver got, decoded, with the path each request was sent to."""
+
+    traces: list[trace_service_pb2.ExportTraceServiceRequest] = field(default_factory=list)
+    metrics: list[metrics_service_pb2.ExportMetricsServiceRequest] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+    def spans(self) -> list[tuple[dict[str, str], Any]]:
+        """``(resource attributes, span)`` of every span received."""
+        return [
+            (_strings(resource_spans.resource.attributes), span)
+            for request in self.traces
+            for resource_spans in request.resource_spans
+            for scope_spans in resource_spans.scope_spans
+            for span in scope_spans.spans
+        ]
+
+    def points(self, name: str) -> list[tuple[dict[str, str], dict[str, Any], Any]]:
+        """``(resource attributes, point attributes, point)`` of metric ``name``, every export."""
+        found = []
+        for request in self.metrics:
+            for resource_metrics in request.resource_metrics:
+                resource = _strings(resource_metrics.resource.attributes)
+                for scope_metrics in resource_metrics.scope_metrics:
+                    for metric in scope_metrics.metrics:
+                        if metric.name != name:
+                            continue
+                        data = getattr(metric, metric.WhichOneof("data"))
+                        for point in data.data_points:
+                            found.append((resource, _values(point.attributes), point))
+        return found
+
+
+def _strings(attributes: Any) -> dict[str, str]:
+    return {kv.key: kv.value.string_value for kv in attributes}
+
+
+def _values(attributes: Any) -> dict[str, Any]:
+    return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in attributes}
+
+
+@pytest.fixture
+def http_collector() -> Iterator[tuple[str, Collector]]:
+    """An OTLP/HTTP receiver for traces and metrics on a throwaway port."""
+    got = Collector()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            if self.path.endswith("/v1/traces"):
+                traces = trace_service_pb2.ExportTraceServiceRequest()
+                traces.ParseFromString(body)
+                got.traces.append(traces)
+            else:
+                metrics = metrics_service_pb2.ExportMetricsServiceRequest()
+                metrics.ParseFromString(body)
+                got.metrics.append(metrics)
+            got.paths.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Keep test output clean."""
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="otlp-http-collector")
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", got
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def grpc_collector() -> Iterator[tuple[str, Collector]]:
+    """An OTLP/gRPC metrics receiver on a throwaway port."""
+    got = Collector()
+
+    class Service(metrics_service_pb2_grpc.MetricsServiceServicer):
+        def Export(
+            self, request: metrics_service_pb2.ExportMetricsServiceRequest, context: Any
+        ) -> metrics_service_pb2.ExportMetricsServiceResponse:
+            got.metrics.append(request)
+            return metrics_service_pb2.ExportMetricsServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Service(), server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}", got
+    finally:
+        server.stop(grace=None).wait(5)
+
+
+def runs_counted(got: Collector) -> dict[tuple[str, str], int]:
+    """The last exported value of ``coleta.runs`` per (source, outcome)."""
+    found: dict[tuple[str, str], int] = {}
+    for _, attributes, point in got.points("coleta.runs"):
+        found[(attributes["coleta.source"], attributes["coleta.outcome"])] = point.as_int
+    return found
+
+
+# -- in process --------------------------------------------------------------------------------
+def test_metrics_reach_an_otlp_http_receiver_when_shut_down(
+    monkeypatch: pytest.MonkeyPatch, http_collector: tuple[str, Collector]
+) -> None:
+    endpoint, got = http_collector
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")  # only the final export
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "coleta-m")
+    _metrics.setup_metrics(version="1.2.3")
+    _metrics.record_run("rates", "stored", trigger="schedule")
+    _metrics.record_run("rates", "stored", trigger="schedule")
+    assert got.metrics == []
+    _metrics.shutdown_metrics()
+
+    assert got.paths == ["/v1/metrics"]
+    assert runs_counted(got) == {("rates", "stored"): 2}
+    ((resource, attributes, _),) = got.points("coleta.runs")
+    assert resource["service.name"] == "coleta-m"
+    assert resource["service.version"] == "1.2.3"
+    assert attributes == {
+        "coleta.source": "rates",
+        "coleta.outcome": "stored",
+        "coleta.trigger": "schedule",
+    }
+
+
+def test_metrics_go_by_grpc_by_default_to_their_own_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+    grpc_collector: tuple[str, Collector],
+    http_collector: tuple[str, Collector],
+) -> None:
+    endpoint, got = grpc_collector
+    traces_endpoint, traces_got = http_collector
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"{traces_endpoint}/v1/traces")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+    _metrics.setup_metrics()
+    _tracing.setup_tracing()
+    _metrics.record_dead_letter("rates", "poison", stage="writer")
+    with _tracing.producer_span("coleta.cmd.rates", source="rates", run_id="r1"):
+        pass
+    _metrics.shutdown_metrics()
+    _tracing.shutdown_tracing()
+
+    ((resource, attributes, point),) = got.points("coleta.dead_letters")
+    assert resource["service.name"] == "coleta"
+    assert (attributes["error.type"], point.as_int) == ("poison", 1)
+    assert traces_got.metrics == []  # each signal to its own endpoint
+    assert [span.name for _, span in traces_got.spans()] == ["send coleta.cmd.rates"]
+
+
+def test_an_unresponsive_collector_cannot_hold_up_shutdown() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        code = (
+            "import time\n"
+            "from daemon import _metrics as m\n"
+            "m.setup_metrics()\n"
+            "m.record_run('x', 'stored')\n"
+            "started = time.monotonic()\n"
+            "m.shutdown_metrics(timeout_s=0.5)\n"
+            "assert time.monotonic() - started < 1.5, time.monotonic() - started\n"
+        )
+        env = {
+            **os.environ,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "20",
+        }
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=30)
+        # The exporter alone would wait 20 s for an answer, and an exit hook again.
+        assert time.monotonic() - started < 10
+
+
+# -- a real daemon -----------------------------------------------------------------------------
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("NATS_URL", "DATABASE_URL", "COLETA_CONFIG", "EXTERNAL_API_URL")
+        and not key.startswith("OTEL_")
+    }
+    return env | extra
+
+
+def coleta(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COLETA, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def stored_trace(database_url: str, schema: str) -> str | None:
+    with psycopg.connect(database_url, options=f"-c search_path={schema}") as conn:
+        row = conn.execute(
+            "SELECT trace_id FROM collection_runs WHERE status = 'stored'"
+        ).fetchone()
+    return row[0] if row else None
+
+
+def test_a_daemon_exports_its_runs_trace_and_metrics_and_flushes_them_on_sigterm(
+    http_collector: tuple[str, Collector],
+    api: LocalAPI,
+    tmp_path: Path,
+    nats_url: str,
+    database_url: str,
+    bus_prefix: str,
+    db_schema: str,
+) -> None:
+    endpoint, got = http_collector
+    api.route("/otlp", json={"otlp": True})
+    config = tmp_path / "coleta.toml"
+    config.write_text(
+        f'bus_prefix = "{bus_prefix}"\ndatabase_schema = "{db_schema}"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        f'[[sources]]\nname = "otlp"\nurl = "{api.url("/otlp")}"\nschedule = "0 0 1 1 *"\n'
+    )
+    client = clean_env(NATS_URL=nats_url, DATABASE_URL=database_url, COLETA_CONFIG=str(config))
+    daemon_env = client | {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_SERVICE_NAME": "coleta-test",
+        "OTEL_METRIC_EXPORT_INTERVAL": "500",
+    }
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [*COLETA, "run"],
+            env=daemon_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while coleta("health", env=client).returncode != 0:
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+            trigger = coleta("trigger", "otlp", env=client)
+            assert trigger.returncode == 0, trigger.stderr
+            run_id = trigger.stdout.split()[1]
+            while (trace_id := stored_trace(database_url, db_schema)) is None:
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0, log_path.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    assert set(got.paths) == {"/v1/traces", "/v1/metrics"}
+    in_trace = [
+        (resource, span) for resource, span in got.spans() if span.trace_id.hex() == trace_id
+    ]
+    names = {span.name for _, span in in_trace}
+    collect, raw = f"{bus_prefix}.collect.otlp", f"{bus_prefix}.raw.otlp"
+    expected = {
+        "manual otlp",
+        f"send {collect}",
+        f"process {collect}",
+        "GET",
+        f"send {raw}",
+        f"process {raw}",
+        "write writer",
+        "INSERT collected_data",
+    }
+    assert expected <= names, names
+    assert {resource["service.name"] for resource, _ in in_trace} == {"coleta-test"}
+    tagged = {
+        span.trace_id.hex()
+        for _, span in got.spans()
+        for kv in span.attributes
+        if kv.key == "coleta.run_id" and kv.value.string_value == run_id
+    }
+    assert tagged == {trace_id}  # every span of the run, in the one trace stored with it
+
+    assert runs_counted(got) == {("otlp", "stored"): 1}
+    resources = {resource["service.name"] for resource, _, _ in got.points("coleta.runs")}
+    assert resources == {"coleta-test"}
+    assert got.points("http.client.request.duration")
+    assert '"event":"daemon.stopped"' in log_path.read_text()
