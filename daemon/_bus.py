@@ -51,6 +51,8 @@ log = get_logger("bus")
 
 PullSubscription = JetStreamContext.PullSubscription
 
+#: Longest a body's trip through the object store may take before it counts as a bus failure.
+_OBJECT_TIMEOUT_S = 60.0
 #: Pull waits are short so a stalled fetch (nats.py #933/#986) costs at most this long.
 FETCH_WAIT_S = 2.0
 #: Declaring again after streams went missing happens at most this often (every stage asks).
@@ -100,6 +102,10 @@ class Bus:
         self._recovering = anyio.Lock()
         self._recovered_at = -REDECLARE_EVERY_S
         self.leases: KeyValue | None = None
+        #: Paginated runs' progress, per run (``<prefix>_progress``).
+        self.progress: KeyValue | None = None
+        #: The ``source_state`` table's mirror for the fetcher (``<prefix>_sources``).
+        self.sources: KeyValue | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -154,6 +160,7 @@ class Bus:
         await self._ensure_consumer(s.raw_stream, s.writer_consumer, o.ack_wait_s, 10_000)
         await self._ensure_bodies()
         await self._ensure_leases()
+        await self._ensure_progress()
 
     async def _ensure_leases(self) -> None:
         """The per-source lease bucket; its TTL frees the lease of a replica that died."""
@@ -168,6 +175,51 @@ class Bus:
                 storage=StorageType.FILE,
                 replicas=self.options.replicas,
             )
+
+    async def _ensure_progress(self) -> None:
+        """The progress and source-state buckets (idempotent). Progress outlives no stream
+        message: its TTL is the streams' max age."""
+        s, o = self.subjects, self.options
+        buckets = ((s.progress_bucket, o.max_age_s), (s.sources_bucket, None))
+        for bucket, ttl in buckets:
+            try:
+                kv = await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                kv = await self.js.create_key_value(
+                    bucket=bucket,
+                    history=1,
+                    ttl=ttl,
+                    storage=StorageType.FILE,
+                    replicas=o.replicas,
+                )
+            if bucket == s.progress_bucket:
+                self.progress = kv
+            else:
+                self.sources = kv
+
+    async def kv_get(self, kv: KeyValue | None, key: str) -> bytes | None:
+        """A key's value, or None when absent (or deleted)."""
+        assert kv is not None, "declare() creates the buckets"
+        try:
+            entry = await kv.get(key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise TransientError(f"reading key {key} failed: {exc!r}") from exc
+        return entry.value
+
+    async def kv_put(self, kv: KeyValue | None, key: str, value: bytes) -> None:
+        assert kv is not None, "declare() creates the buckets"
+        try:
+            await kv.put(key, value)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise TransientError(f"writing key {key} failed: {exc!r}") from exc
+
+    async def kv_delete(self, kv: KeyValue | None, key: str) -> None:
+        """Forget a key; failing is harmless (the bucket's TTL forgets it too)."""
+        assert kv is not None, "declare() creates the buckets"
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await kv.delete(key)
 
     async def _ensure_bodies(self) -> None:
         """The object store for bodies too large for one message (idempotent)."""
@@ -300,21 +352,24 @@ class Bus:
         """Store a large body in the object store (chunked by JetStream)."""
         assert self.bodies is not None, "declare() creates the bodies bucket"
         try:
-            await self.bodies.put(name, body)
+            with anyio.fail_after(_OBJECT_TIMEOUT_S):
+                await self.bodies.put(name, body)
         except (nats.errors.Error, TimeoutError) as exc:
             raise TransientError(f"storing a {len(body)}-byte body failed: {exc!r}") from exc
 
     async def get_body(self, name: str) -> bytes:
         assert self.bodies is not None, "declare() creates the bodies bucket"
         try:
-            result = await self.bodies.get(name)
+            # nats-py reads the chunks through an ordered consumer with no deadline of its own.
+            with anyio.fail_after(_OBJECT_TIMEOUT_S):
+                result = await self.bodies.get(name)
         except (nats.errors.Error, TimeoutError) as exc:
             raise TransientError(f"reading body {name} failed: {exc!r}") from exc
         return bytes(result.data or b"")
 
     async def delete_body(self, name: str) -> None:
         assert self.bodies is not None, "declare() creates the bodies bucket"
-        with contextlib.suppress(nats.errors.Error, TimeoutError):
+        with contextlib.suppress(nats.errors.Error, TimeoutError), anyio.fail_after(10):
             await self.bodies.delete(name)
 
     async def pull(self, stream: str, durable: str) -> PullSubscription:

@@ -24,6 +24,8 @@ from nats.micro.service import Service as MicroService
 from psycopg_pool import PoolTimeout
 
 from contracts import (
+    BackfillReply,
+    BackfillRequest,
     ComponentHealth,
     DayMark,
     DlqReplayReply,
@@ -31,6 +33,8 @@ from contracts import (
     ErrorDetail,
     ErrorReply,
     HealthReply,
+    RunProgressReply,
+    RunProgressRequest,
     RunsReply,
     RunsRequest,
     SourceStatus,
@@ -39,7 +43,7 @@ from contracts import (
     TriggerRequest,
     encode,
 )
-from daemon import __version__, _deadletters, _metrics
+from daemon import __version__, _backfill, _deadletters, _metrics
 from daemon._bus import Bus
 from daemon._db import Database
 from daemon._history import SourceSummary, daily_outcomes, recent_runs, source_summaries
@@ -54,6 +58,9 @@ __all__ = ["Service", "ServiceFailure"]
 log = get_logger("service")
 
 T = TypeVar("T")
+
+#: Each dependency check of status/health answers within this long.
+_CHECK_TIMEOUT_S = 2.0
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 
@@ -97,6 +104,8 @@ class Service:
                 ("runs", self._runs),
                 ("health", self._health),
                 ("dlq.replay", self._dlq_replay),
+                ("backfill", self._backfill),
+                ("backfill.progress", self._progress),
             ):
                 await svc.add_endpoint(
                     name=name.replace(".", "_"),
@@ -220,6 +229,54 @@ class Service:
             raise ServiceFailure("unavailable", f"could not replay: {exc}") from exc
         return DlqReplayReply(replayed=len(replayed), run_ids=replayed)
 
+    async def _backfill(self, data: bytes) -> BackfillReply:
+        if not data.strip():
+            raise ServiceFailure(
+                "bad_request", 'empty request: send {"source": …, "start": …, "end": …}'
+            )
+        request = _decode(data, BackfillRequest, empty=BackfillRequest(source="", start="", end=""))
+        source = self._settings.source(request.source)
+        if source is None:
+            known = ", ".join(s.name for s in self._settings.sources) or "none"
+            raise ServiceFailure(
+                "unknown_source", f"unknown source {request.source!r} (configured: {known})"
+            )
+        try:
+            first, last = _backfill.parse_range(source, request.start, request.end)
+            # Up to 10,000 croniter steps take most of a second: not on the event loop.
+            slots = await anyio.to_thread.run_sync(_backfill.slots_between, source, first, last)
+        except ValueError as exc:
+            raise ServiceFailure("bad_request", str(exc)) from exc
+        try:
+            recorded = await _backfill.slot_runs(self._db, source.name, first, last)
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise ServiceFailure("unavailable", f"database: {_first_line(exc)}") from exc
+        plan = _backfill.plan_backfill(
+            source, slots, recorded, first=first, last=last, force=request.force
+        )
+        try:
+            queued = await _backfill.queue_backfill(self._bus, source, plan, datetime.now(UTC))
+        except TransientError as exc:
+            raise ServiceFailure("unavailable", f"could not queue the runs: {exc}") from exc
+        return BackfillReply(
+            source=source.name,
+            start=first,
+            end=last,
+            slots=len(slots),
+            queued=len(queued),
+            skipped=len(plan.skipped),
+            run_ids=queued,
+            skipped_run_ids=[run_id for _, run_id in plan.skipped],
+        )
+
+    async def _progress(self, data: bytes) -> RunProgressReply:
+        request = _decode(data, RunProgressRequest, empty=RunProgressRequest(run_ids=[]))
+        try:
+            counts = await _backfill.run_progress(self._db, request.run_ids)
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise ServiceFailure("unavailable", f"database: {_first_line(exc)}") from exc
+        return RunProgressReply(total=len(set(request.run_ids)), counts=counts)
+
     async def _health(self, data: bytes) -> HealthReply:
         bus, database = await self._checks()
         checks = {"bus": bus, "database": database}
@@ -234,8 +291,14 @@ class Service:
             bus = ComponentHealth(ok=False, detail="not connected to NATS")
         else:
             try:
-                await self._bus.js.stream_info(self._bus.subjects.raw_stream)
-            except (nats.errors.Error, TimeoutError) as exc:
+                # Bounded, so a health request is answered well within a client's timeout.
+                with anyio.fail_after(_CHECK_TIMEOUT_S):
+                    await self._bus.js.stream_info(self._bus.subjects.raw_stream)
+            except TimeoutError:
+                bus = ComponentHealth(
+                    ok=False, detail=f"JetStream: no answer within {_CHECK_TIMEOUT_S:g} s"
+                )
+            except nats.errors.Error as exc:
                 bus = ComponentHealth(ok=False, detail=f"JetStream: {exc or type(exc).__name__}")
         problem = await self._db.ping()
         database = ComponentHealth(ok=problem is None, detail=problem or "reachable")
