@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/coleta.toml
 
-.PHONY: run test lint check-config clean venv
+.PHONY: run test lint check-config clean venv bench
 
 venv: $(VENV)/.installed
 
@@ -23,10 +23,14 @@ run: venv
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+## the benchmark suite (~10 min; BENCH_ARGS="--quick" or "throughput latency" to narrow it)
+bench: venv
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 ## ruff and mypy (strict) over the code
 lint: venv
-	$(BIN)/ruff check daemon contracts tests
-	$(BIN)/ruff format --check daemon contracts tests
+	$(BIN)/ruff check daemon contracts tests bench
+	$(BIN)/ruff format --check daemon contracts tests bench
 	$(BIN)/mypy
 
 check-config: venv

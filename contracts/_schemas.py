@@ -15,10 +15,14 @@ import msgspec
 from contracts.commands import CollectCommand
 from contracts.payloads import DeadLetter, RunEvent
 from contracts.service import (
+    BackfillReply,
+    BackfillRequest,
     DlqReplayReply,
     DlqReplayRequest,
     ErrorReply,
     HealthReply,
+    RunProgressReply,
+    RunProgressRequest,
     RunsReply,
     RunsRequest,
     StatusReply,
@@ -42,6 +46,10 @@ CONTRACTS: dict[str, Any] = {
     "dead_letter": DeadLetter,
     "dlq_replay_request": DlqReplayRequest,
     "dlq_replay_reply": DlqReplayReply,
+    "backfill_request": BackfillRequest,
+    "backfill_reply": BackfillReply,
+    "run_progress_request": RunProgressRequest,
+    "run_progress_reply": RunProgressReply,
 }
 
 

@@ -1,15 +1,29 @@
 """Run events on ``<prefix>.raw.<source>``: what the fetcher saw, for the writer to persist.
 
-One subject carries three kinds, told apart by the ``kind`` tag, so the writer sees a run's
+One subject carries several kinds, told apart by the ``kind`` tag, so the writer sees a run's
 events in the order the fetcher published them.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 from contracts._base import UtcDatetime, WireStruct
 from contracts.commands import Trigger
 
-__all__ = ["DeadLetter", "FetchFailed", "FetchStarted", "RawPayload", "RunEvent", "RunMissed"]
+__all__ = [
+    "DeadLetter",
+    "FetchFailed",
+    "FetchStarted",
+    "FetchUnchanged",
+    "Granularity",
+    "RawPayload",
+    "RunEvent",
+    "RunMissed",
+]
+
+#: ``page``: one row per response page; ``record``: one row per record of a page.
+Granularity = Literal["page", "record"]
 
 
 class _RunEventBase(WireStruct, frozen=True, kw_only=True, tag_field="kind"):
@@ -51,6 +65,21 @@ class RawPayload(_RunEventBase, frozen=True, kw_only=True, tag="page"):
     #: (bucket ``<prefix>_bodies``) under this name, and ``body`` is empty.
     body_ref: str | None = None
     body_size: int | None = None
+    #: How the writer splits the page into rows: ``page`` (one row; JSON-lines bodies give one
+    #: row per line) or ``record`` (one row per record at ``records_path``). A page that cannot
+    #: be split is stored whole.
+    granularity: Granularity = "page"
+    records_path: str | None = None
+    #: Rows of this run so far, this page included (None: one row per page).
+    run_rows: int | None = None
+    #: On the last page of an incremental run: the new cursor, JSON-encoded (None: unchanged).
+    cursor: str | None = None
+    #: True on a one-request run: the writer remembers ``etag``, ``last_modified`` and
+    #: ``body_sha256`` for the source's next conditional request.
+    remember: bool = False
+    etag: str | None = None
+    last_modified: str | None = None
+    body_sha256: str | None = None
 
 
 class FetchFailed(_RunEventBase, frozen=True, kw_only=True, tag="failed"):
@@ -64,6 +93,16 @@ class FetchFailed(_RunEventBase, frozen=True, kw_only=True, tag="failed"):
     url: str | None = None
 
 
+class FetchUnchanged(_RunEventBase, frozen=True, kw_only=True, tag="unchanged"):
+    """The API has nothing new (HTTP 304, or the same body as the last stored run): the
+    writer records the run as ``unchanged`` and stores no row."""
+
+    finished_at: UtcDatetime
+    http_status: int | None = None
+    #: Why, for people: ``not modified (HTTP 304)``, ``same body as the last stored run``.
+    note: str = ""
+
+
 class RunMissed(_RunEventBase, frozen=True, kw_only=True, tag="missed"):
     """A slot that passed while no daemon ran and that catch-up does not run."""
 
@@ -71,7 +110,7 @@ class RunMissed(_RunEventBase, frozen=True, kw_only=True, tag="missed"):
     reason: str = ""
 
 
-RunEvent = FetchStarted | RawPayload | FetchFailed | RunMissed
+RunEvent = FetchStarted | RawPayload | FetchFailed | FetchUnchanged | RunMissed
 
 
 class DeadLetter(WireStruct, frozen=True, kw_only=True):

@@ -16,6 +16,9 @@ from contracts._base import UtcDatetime, WireStruct
 from contracts.commands import Trigger
 
 __all__ = [
+    "BACKFILL_LIMIT",
+    "BackfillReply",
+    "BackfillRequest",
     "ComponentHealth",
     "DayMark",
     "DayOutcome",
@@ -25,6 +28,8 @@ __all__ = [
     "ErrorReply",
     "HealthReply",
     "RunInfo",
+    "RunProgressReply",
+    "RunProgressRequest",
     "RunStatus",
     "RunsReply",
     "RunsRequest",
@@ -35,7 +40,7 @@ __all__ = [
 ]
 
 #: Life of a run: queued → fetching → stored | failed; a slot skipped after downtime is missed.
-RunStatus = Literal["queued", "fetching", "stored", "failed", "missed"]
+RunStatus = Literal["queued", "fetching", "stored", "unchanged", "failed", "missed"]
 
 
 class TriggerRequest(WireStruct, frozen=True, kw_only=True):
@@ -72,6 +77,8 @@ class RunInfo(WireStruct, frozen=True, kw_only=True):
     queued_at: UtcDatetime | None = None
     started_at: UtcDatetime | None = None
     finished_at: UtcDatetime | None = None
+    #: Why a run is ``unchanged`` (``not modified (HTTP 304)`` …).
+    note: str | None = None
 
 
 class RunsReply(WireStruct, frozen=True, kw_only=True):
@@ -134,6 +141,51 @@ class DlqReplayRequest(WireStruct, frozen=True, kw_only=True):
 class DlqReplayReply(WireStruct, frozen=True, kw_only=True):
     replayed: int
     run_ids: list[str] = []
+
+
+#: Most slots one backfill request may queue (and most run ids one progress request may name).
+BACKFILL_LIMIT = 10_000
+
+
+class BackfillRequest(WireStruct, frozen=True, kw_only=True):
+    """Queue one run per scheduled slot of ``source`` from ``start`` to ``end``, inclusive.
+
+    ``start`` and ``end`` are dates (``2026-01-31``: the whole day in the source's timezone) or
+    ISO 8601 datetimes (without an offset: in the source's timezone). Slots already stored are
+    skipped unless ``force``.
+    """
+
+    source: str
+    start: str
+    end: str
+    force: bool = False
+
+
+class BackfillReply(WireStruct, frozen=True, kw_only=True):
+    source: str
+    #: The range as understood: first and last instant, UTC.
+    start: UtcDatetime
+    end: UtcDatetime
+    #: Scheduled slots in the range; each was queued or skipped.
+    slots: int
+    queued: int
+    skipped: int
+    #: Run ids queued, oldest slot first.
+    run_ids: list[str] = []
+    #: Run ids already stored for the skipped slots.
+    skipped_run_ids: list[str] = []
+
+
+class RunProgressRequest(WireStruct, frozen=True, kw_only=True):
+    """How far these runs are (``coleta backfill`` polls this)."""
+
+    run_ids: Annotated[list[str], msgspec.Meta(max_length=BACKFILL_LIMIT)]
+
+
+class RunProgressReply(WireStruct, frozen=True, kw_only=True):
+    total: int
+    #: Runs per status; runs not recorded yet count as ``queued``.
+    counts: dict[str, int] = {}
 
 
 class ErrorDetail(WireStruct, frozen=True, kw_only=True):

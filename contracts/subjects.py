@@ -65,6 +65,16 @@ class Subjects:
         return f"{self.prefix}_leases"
 
     @property
+    def progress_bucket(self) -> str:
+        """Key-value bucket of paginated runs' progress (a failed page retries from itself)."""
+        return f"{self.prefix}_progress"
+
+    @property
+    def sources_bucket(self) -> str:
+        """Key-value bucket mirroring ``source_state``: validators and incremental cursors."""
+        return f"{self.prefix}_sources"
+
+    @property
     def collect_stream(self) -> str:
         return f"{self.prefix.upper()}_COLLECT"
 

@@ -21,7 +21,7 @@ __all__ = ["STRIP_DAYS", "SourceSummary", "daily_outcomes", "recent_runs", "sour
 STRIP_DAYS = 30
 
 _RUN_COLUMNS = """run_id, source, trigger, scheduled_for, status, attempts, pages, rows, bytes,
-    http_status, error, trace_id, queued_at, started_at, finished_at"""
+    http_status, error, trace_id, queued_at, started_at, finished_at, note"""
 
 RECENT_RUNS = f"""
 SELECT {_RUN_COLUMNS} FROM collection_runs
@@ -42,7 +42,7 @@ LEFT JOIN LATERAL (
     WHERE r.source = s.name AND r.status = 'failed'
       AND r.created_at > COALESCE(
           (SELECT max(ok.created_at) FROM collection_runs ok
-           WHERE ok.source = s.name AND ok.status = 'stored'), '-infinity')
+           WHERE ok.source = s.name AND ok.status IN ('stored', 'unchanged')), '-infinity')
 ) fails ON true
 LEFT JOIN LATERAL (
     SELECT COALESCE(sum(r.rows), 0) AS rows FROM collection_runs r WHERE r.source = s.name
@@ -55,7 +55,7 @@ DAILY_OUTCOMES = """
 SELECT source, (scheduled_for AT TIME ZONE 'UTC')::date AS day,
        min(CASE
              WHEN status = 'stored' AND rows > 0 THEN 0
-             WHEN status = 'stored' THEN 1
+             WHEN status IN ('stored', 'unchanged') THEN 1
              WHEN status IN ('queued', 'fetching') THEN 2
              WHEN status = 'failed' THEN 3
              ELSE 4

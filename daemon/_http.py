@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -19,6 +19,7 @@ import httpx
 import msgspec
 
 from daemon import __version__
+from daemon._ratelimit import RATE_EXTENSION, HostGates, reset_after
 from daemon._template import Window, render, render_value
 from daemon._tracing import redact_headers, redact_text, redact_url
 from daemon.errors import FetchPermanent, FetchTransient
@@ -40,13 +41,32 @@ RETRY_AFTER_CAP_S = 15 * 60.0
 
 
 @contextlib.asynccontextmanager
-async def open_client(*, max_connections: int = 32) -> AsyncIterator[httpx.AsyncClient]:
-    """The one client every fetch shares: pooled connections, redirects followed."""
+async def open_client(
+    *, max_connections: int = 32, gates: HostGates | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The one client every fetch shares: pooled connections, redirects followed, and every
+    request paced per host by ``gates`` (``_ratelimit``; a fresh set unless given)."""
+    gates = gates or HostGates()
+
+    async def pace(request: httpx.Request) -> None:
+        interval = request.extensions.get(RATE_EXTENSION)
+        await gates.acquire(request.url.host, interval if isinstance(interval, float) else None)
+
+    async def listen(response: httpx.Response) -> None:
+        wait = None
+        if response.status_code in (429, 503):
+            wait = parse_retry_after(response.headers.get("retry-after"))
+        if wait is None:
+            wait = reset_after(response.headers)
+        if wait:
+            gates.hold(response.request.url.host, wait)
+
     async with httpx.AsyncClient(
         follow_redirects=True,
         headers={"User-Agent": USER_AGENT},
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=16),
         timeout=httpx.Timeout(30.0),
+        event_hooks={"request": [pace], "response": [listen]},
     ) as client:
         yield client
 
@@ -78,16 +98,36 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     return min(max(0.0, (when - now).total_seconds()), RETRY_AFTER_CAP_S)
 
 
-def build_request(client: httpx.AsyncClient, source: SourceConfig, window: Window) -> httpx.Request:
+def build_request(
+    client: httpx.AsyncClient,
+    source: SourceConfig,
+    window: Window,
+    *,
+    url: str | None = None,
+    extra_params: Mapping[str, str] | None = None,
+    extra_headers: Mapping[str, str] | None = None,
+) -> httpx.Request:
     """The source's request for one run, with url, params and body templated.
 
     ``params`` are merged into the URL's own query string (httpx's ``params=`` would replace it).
+    ``url`` (a later page's URL, query included) replaces the templated URL and params;
+    ``extra_params`` (first page, incremental cursor) and ``extra_headers`` (conditional
+    request validators) are added to the request.
     """
-    url = httpx.URL(render(source.url, window))
-    if source.params:
-        url = url.copy_merge_params({k: render(v, window) for k, v in source.params.items()})
+    if url is not None:
+        target = httpx.URL(url)
+    else:
+        target = httpx.URL(render(source.url, window))
+        if source.params:
+            target = target.copy_merge_params(
+                {k: render(v, window) for k, v in source.params.items()}
+            )
+    if extra_params:
+        target = target.copy_merge_params(dict(extra_params))
     content: bytes | None = None
     headers = httpx.Headers(source.headers)  # case-insensitive, unlike a dict
+    if extra_headers:
+        headers.update(extra_headers)
     if isinstance(source.body, dict):
         content = msgspec.json.encode(render_value(source.body, window))
         headers.setdefault("Content-Type", "application/json")
@@ -95,7 +135,12 @@ def build_request(client: httpx.AsyncClient, source: SourceConfig, window: Windo
         content = render(source.body, window).encode()
     timeout = httpx.Timeout(source.timeout_s, connect=source.connect_timeout_s)
     return client.build_request(
-        source.method, url, headers=headers, content=content, timeout=timeout
+        source.method,
+        target,
+        headers=headers,
+        content=content,
+        timeout=timeout,
+        extensions={RATE_EXTENSION: source.rate_interval_s},
     )
 
 
@@ -112,13 +157,22 @@ class Fetched:
 
 
 async def send(
-    client: httpx.AsyncClient, request: httpx.Request, *, source: str, max_bytes: int
+    client: httpx.AsyncClient,
+    request: httpx.Request,
+    *,
+    source: str,
+    max_bytes: int,
+    auth: httpx.Auth | None = None,
 ) -> Fetched:
-    """Send, read at most ``max_bytes``, and map every failure into the coleta tree."""
+    """Send, read at most ``max_bytes``, and map every failure into the coleta tree.
+
+    ``auth`` (``_auth.Credentials.for_source``) adds the source's credentials at send time, so
+    the URL recorded here and in spans never carries a key sent as a query parameter.
+    """
     safe_url = redact_url(str(request.url))
     started = anyio.current_time()
     try:
-        response = await client.send(request, stream=True)
+        response = await client.send(request, stream=True, auth=auth)
         try:
             status = response.status_code
             if not 200 <= status <= 299:

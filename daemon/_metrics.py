@@ -110,7 +110,7 @@ STAGE = "coleta.stage"
 ERROR_TYPE = "error.type"
 
 #: How a run ended, as counted by ``coleta.runs``.
-Outcome = Literal["stored", "failed", "missed"]
+Outcome = Literal["stored", "unchanged", "failed", "missed"]
 #: How a writer batch ended: one transaction, split into one per message, or put back.
 BatchOutcome = Literal["committed", "split", "store_unavailable"]
 

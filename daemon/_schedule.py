@@ -11,8 +11,9 @@ start time, not a fixed offset, or local times drift after a DST change). Rules 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
@@ -76,6 +77,17 @@ class Schedule:
             local: datetime = it.get_prev(datetime)
             if not _is_repeat(local) and local <= t:
                 return local.astimezone(UTC)
+
+    def between(self, start: datetime, end: datetime) -> Iterator[datetime]:
+        """Slots in ``[start, end]``, oldest first, as aware UTC datetimes: one croniter walk,
+        so thousands of slots cost milliseconds, not seconds."""
+        it = self._iter(start - timedelta(microseconds=1))
+        while True:
+            local: datetime = it.get_next(datetime)
+            if local > end:
+                return
+            if not _is_repeat(local) and local >= start:
+                yield local.astimezone(UTC)
 
     def prev_before(self, slot: datetime) -> datetime:
         """The slot before ``slot``: a run's ``interval_start``."""

@@ -9,12 +9,14 @@ Commands::
     coleta runs [SOURCE] [--limit N] [--json]
     coleta trigger SOURCE [--at TIME] [--wait [--wait-timeout S]] [--json]
     coleta health [--json]
+    coleta backfill SOURCE --from DATE --to DATE [--force] [--no-wait] [--json]
 
 Exit codes:
 
-- 0 ok (``trigger --wait``: the run was stored);
+- 0 ok (``trigger --wait``: the run was stored; ``backfill``: no run failed);
 - 1 the daemon answered with an error (unknown source, bad request), or the run
-  ``trigger --wait`` followed failed, was missed, or did not finish within ``--wait-timeout``;
+  ``trigger --wait`` followed failed, was missed, or did not finish within ``--wait-timeout``
+  (``backfill``: a run failed, or they did not all finish within ``--wait-timeout``);
 - 2 usage or configuration error;
 - 3 the daemon (or its NATS) cannot be reached, or does not answer in time;
 - 4 degraded (``health``: the daemon answers but its bus or database does not);
@@ -120,6 +122,37 @@ def _parser() -> argparse.ArgumentParser:
         default=600.0,
         metavar="S",
         help="with --wait: give up (exit 1) after this many seconds (default 600)",
+    )
+    backfill = client(
+        "backfill",
+        "queue one run per scheduled slot of SOURCE from --from to --to (inclusive), oldest"
+        " first, and follow them with a progress bar",
+    )
+    backfill.add_argument("source")
+    backfill.add_argument(
+        "--from",
+        dest="start",
+        required=True,
+        metavar="DATE",
+        help="first day (YYYY-MM-DD, in the source's timezone) or ISO 8601 datetime",
+    )
+    backfill.add_argument(
+        "--to",
+        dest="end",
+        required=True,
+        metavar="DATE",
+        help="last day, included whole (YYYY-MM-DD), or ISO 8601 datetime",
+    )
+    backfill.add_argument(
+        "--force", action="store_true", help="run slots already stored again (new run ids)"
+    )
+    backfill.add_argument("--no-wait", action="store_true", help="queue the runs and exit")
+    backfill.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="give up following (exit 1) after this many seconds; the runs go on",
     )
     return parser
 
@@ -241,7 +274,8 @@ async def _client(args: argparse.Namespace) -> int:
         async with _connect(url, args.timeout) as nc:
 
             async def request(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
-                return await _request(nc, url, f"{prefix}.{endpoint}", body, args.timeout)
+                timeout_s = max(args.timeout, _SLOW_ENDPOINTS.get(endpoint, 0.0))
+                return await _request(nc, url, f"{prefix}.{endpoint}", body, timeout_s)
 
             return await _COMMANDS[args.command](args, request)
     except _Failed as exc:
@@ -347,7 +381,7 @@ async def _cmd_runs(args: argparse.Namespace, request: Request) -> int:
 
 
 #: Run statuses after which a run changes no more.
-_FINAL = {"stored": EXIT_OK, "failed": EXIT_FAILED, "missed": EXIT_FAILED}
+_FINAL = {"stored": EXIT_OK, "unchanged": EXIT_OK, "failed": EXIT_FAILED, "missed": EXIT_FAILED}
 
 
 async def _cmd_trigger(args: argparse.Namespace, request: Request) -> int:
@@ -390,12 +424,84 @@ async def _cmd_trigger(args: argparse.Namespace, request: Request) -> int:
 
 #: How often ``trigger --wait`` asks for the run's state.
 _POLL_S = 0.3
+#: Endpoints that may take long to answer (a backfill publishes up to 10,000 commands).
+_SLOW_ENDPOINTS = {"backfill": 300.0}
+
+
+async def _cmd_backfill(args: argparse.Namespace, request: Request) -> int:
+    body: dict[str, Any] = {"source": args.source, "start": args.start, "end": args.end}
+    if args.force:
+        body["force"] = True
+    reply = await request("backfill", body)
+    run_ids: list[str] = reply.get("run_ids", [])
+    if not args.json:
+        sys.stdout.write(
+            f"backfill {reply['source']} {_when(reply['start'])} .. {_when(reply['end'])} UTC:"
+            f" {reply['slots']} slots, {reply['queued']} queued,"
+            f" {reply['skipped']} skipped (already stored or running)\n"
+        )
+        sys.stdout.flush()
+    if args.no_wait or not run_ids:
+        if args.json:
+            _print_json(reply)
+        return EXIT_OK
+    counts: dict[str, int] = {}
+    shown = ""
+    live = sys.stderr.isatty()
+    finished = False
+    with anyio.move_on_after(args.wait_timeout if args.wait_timeout else float("inf")):
+        while True:
+            progress = await request("backfill.progress", {"run_ids": run_ids})
+            counts = progress.get("counts", {})
+            line = render_backfill_bar(counts, len(run_ids))
+            if line != shown and not args.json:
+                sys.stderr.write(("\r" if live else "") + line + ("" if live else "\n"))
+                sys.stderr.flush()
+                shown = line
+            if sum(counts.get(status, 0) for status in _FINAL) >= len(run_ids):
+                finished = True
+                break
+            await anyio.sleep(_BACKFILL_POLL_S)
+    if live and shown:
+        sys.stderr.write("\n")
+    stored = counts.get("stored", 0) + counts.get("unchanged", 0)
+    failed = counts.get("failed", 0) + counts.get("missed", 0)
+    if args.json:
+        _print_json(reply | {"counts": counts, "finished": finished})
+    else:
+        sys.stdout.write(
+            f"{stored} stored, {failed} failed, {reply['skipped']} skipped"
+            + ("" if finished else f", {len(run_ids) - stored - failed} still running")
+            + "\n"
+        )
+    if not finished:
+        raise _Failed(
+            f"{len(run_ids) - stored - failed} runs still unfinished after"
+            f" {args.wait_timeout:g} s (they go on; see coleta runs {args.source})",
+            EXIT_FAILED,
+        )
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+#: How often ``backfill`` asks how far its runs are.
+_BACKFILL_POLL_S = 0.5
+
+
+def render_backfill_bar(counts: dict[str, int], total: int, width: int = 20) -> str:
+    """``[#####...............] 12/40 stored, 1 failed``: finished runs fill the bar."""
+    stored = counts.get("stored", 0) + counts.get("unchanged", 0)
+    failed = counts.get("failed", 0) + counts.get("missed", 0)
+    filled = width * min(total, stored + failed) // max(1, total)
+    bar = "#" * filled + "." * (width - filled)
+    return f"[{bar}] {stored}/{total} stored, {failed} failed"
+
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Request], Awaitable[int]]] = {
     "health": _cmd_health,
     "status": _cmd_status,
     "runs": _cmd_runs,
     "trigger": _cmd_trigger,
+    "backfill": _cmd_backfill,
 }
 
 

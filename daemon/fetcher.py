@@ -5,15 +5,23 @@ named task. The command is acked only after JetStream has accepted the payload, 
 any point redelivers the command; the payload's ``Nats-Msg-Id`` and the writer's unique
 ``(run_id, page)`` make the repeat harmless. A transient failure is handed back with ``nak``
 and a backoff delay — the worker is freed at once, no source waits behind another's retries.
+
+A paginated run publishes each page as it is fetched (``page`` = 0, 1, 2 …, ``last`` on the
+final one; message ids ``{run_id}/r{replay}/p{page}``) and keeps its ``PageState`` in the
+``<prefix>_progress`` bucket after each page, so a retry starts at the page that failed. A
+one-request run sends the validators the writer remembered (``<prefix>_sources``) and ends
+``unchanged`` on a 304, or on the same body with ``skip_unchanged``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
 import anyio
 import httpx
@@ -23,14 +31,24 @@ from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
-from contracts import CollectCommand, FetchFailed, FetchStarted, RawPayload, decoder
-from daemon import _metrics, _tracing
+from contracts import (
+    CollectCommand,
+    FetchFailed,
+    FetchStarted,
+    FetchUnchanged,
+    RawPayload,
+    decoder,
+)
+from daemon import _metrics, _records, _tracing
+from daemon._auth import Credentials
 from daemon._bus import Bus, PullSubscription
 from daemon._http import Fetched, backoff_s, build_request, send
 from daemon._leases import Lease, Leases
 from daemon._logging import get_logger
+from daemon._pagination import PageState, Pagination, PaginationError, first_page_params, next_page
+from daemon._records import decode_json
 from daemon._template import Window
-from daemon.errors import FetchTransient, PermanentError, TransientError
+from daemon.errors import FetchPermanent, FetchTransient, PermanentError, TransientError
 from daemon.settings import Settings, SourceConfig
 
 __all__ = ["Fetcher"]
@@ -62,6 +80,8 @@ class Fetcher:
     def __init__(self, bus: Bus, http: httpx.AsyncClient, settings: Settings) -> None:
         self._bus = bus
         self._http = http
+        #: Each source's credentials; OAuth tokens are cached here across runs.
+        self._credentials = Credentials(http)
         self._settings = settings
         self._intake = anyio.CancelScope()
         self._work = anyio.CancelScope()
@@ -264,7 +284,7 @@ class Fetcher:
             msg_id=f"{command.run_id}/r{command.replay}/started/{attempt}",
         )
         try:
-            fetched = await self._fetch(source, command)
+            await self._collect(source, command, attempt)
         except FetchTransient as exc:
             retries = source.retries
             if attempt < retries.max_attempts:
@@ -279,6 +299,7 @@ class Fetcher:
                 await msg.nak(delay=delay)
                 return
             await self._fail(msg, command, attempt, exc.code, str(exc), exc.status, exc.url)
+            await self._bus.kv_delete(self._bus.progress, _progress_key(command))
         except PermanentError as exc:
             await self._fail(
                 msg,
@@ -289,21 +310,16 @@ class Fetcher:
                 getattr(exc, "status", None),
                 getattr(exc, "url", None),
             )
-        else:
-            await self._publish_payload(command, _payload(command, attempt, fetched))
-            log.info(
-                "fetch.done",
-                extra={
-                    "source": command.source,
-                    "run_id": command.run_id,
-                    "http_status": fetched.status_code,
-                    "bytes": len(fetched.body),
-                    "elapsed_ms": round(fetched.elapsed_ms, 1),
-                },
-            )
+            await self._bus.kv_delete(self._bus.progress, _progress_key(command))
         await msg.ack()
 
-    async def _fetch(self, source: SourceConfig, command: CollectCommand) -> Fetched:
+    async def _collect(self, source: SourceConfig, command: CollectCommand, attempt: int) -> None:
+        """Fetch the run's pages, publishing each one as it comes.
+
+        A paginated run keeps its ``PageState`` in the progress bucket after each published
+        page, so the next attempt starts at the page that failed. A one-request run sends the
+        validators of the last stored response and may end ``unchanged``.
+        """
         window = Window(
             source=source.name,
             run_id=command.run_id,
@@ -311,7 +327,134 @@ class Fetcher:
             interval_start=command.interval_start or source.cron.prev_before(command.scheduled_for),
             tz=source.cron.tz,
         )
-        request = build_request(self._http, source, window)
+        paging = _paging(source)
+        known = await self._source_state(source)
+        first_params = first_page_params(paging) if paging is not None else {}
+        if source.incremental is not None:
+            since = _param_value(known.get("cursor"), source.incremental.initial)
+            if since is not None:
+                first_params[source.incremental.param] = since
+        validators: dict[str, str] = {}
+        if paging is None and source.conditional:
+            if known.get("etag"):
+                validators["If-None-Match"] = str(known["etag"])
+            if known.get("last_modified"):
+                validators["If-Modified-Since"] = str(known["last_modified"])
+        first = build_request(
+            self._http, source, window, extra_params=first_params, extra_headers=validators
+        )
+        progress = _Progress()
+        key = _progress_key(command)
+        if paging is not None:
+            stored = await self._bus.kv_get(self._bus.progress, key)
+            if stored is not None:
+                progress = _Progress.load(stored, first.url)
+                log.info(
+                    "fetch.resumed",
+                    extra={"source": source.name, "run_id": command.run_id, "page": progress.page},
+                )
+        deadline = anyio.current_time() + source.total_timeout_s
+        while True:
+            state = progress.state
+            request = (
+                first
+                if state.url is None
+                else build_request(self._http, source, window, url=state.url)
+            )
+            try:
+                fetched = await self._fetch(source, command, request, deadline)
+            except FetchPermanent as exc:
+                if exc.status == 304 and validators:
+                    await self._unchanged(command, attempt, 304, "not modified (HTTP 304)")
+                    return
+                raise
+            body_sha256 = hashlib.sha256(fetched.body).hexdigest() if paging is None else None
+            if source.skip_unchanged and body_sha256 and body_sha256 == known.get("body_sha256"):
+                await self._unchanged(
+                    command, attempt, fetched.status_code, "same body as the last stored run"
+                )
+                return
+            nxt: PageState | None = None
+            if paging is not None:
+                body = decode_json(fetched.content_type, fetched.body)
+                headers = httpx.Headers(fetched.headers)
+                try:
+                    nxt = next_page(paging, state, request.url, headers, body)
+                except PaginationError as exc:
+                    raise FetchPermanent(
+                        f"page {state.page}: {exc}",
+                        source=source.name,
+                        url=fetched.url,
+                        status=fetched.status_code,
+                        code="pagination_loop",
+                    ) from exc
+            progress.add(source, fetched)
+            payload = _payload(
+                command,
+                attempt,
+                fetched,
+                source=source,
+                progress=progress,
+                last=nxt is None,
+                body_sha256=body_sha256,
+            )
+            await self._publish_payload(command, payload)
+            if nxt is None:
+                break
+            progress.state = nxt
+            await self._bus.kv_put(self._bus.progress, key, progress.dump())
+        if paging is not None:
+            await self._bus.kv_delete(self._bus.progress, key)
+        log.info(
+            "fetch.done",
+            extra={
+                "source": command.source,
+                "run_id": command.run_id,
+                "http_status": fetched.status_code,
+                "pages": progress.page + 1,
+                "bytes": progress.run_bytes,
+                "elapsed_ms": round(fetched.elapsed_ms, 1),
+            },
+        )
+
+    async def _source_state(self, source: SourceConfig) -> dict[str, Any]:
+        """What the last stored run left for this one (validators, cursor), from the
+        ``<prefix>_sources`` mirror of ``source_state`` (see ``daemon.writer``)."""
+        if not (source.conditional or source.skip_unchanged or source.incremental):
+            return {}
+        raw = await self._bus.kv_get(self._bus.sources, source.name)
+        if raw is None:
+            return {}
+        try:
+            value = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    async def _unchanged(
+        self, command: CollectCommand, attempt: int, http_status: int, note: str
+    ) -> None:
+        log.info(
+            "fetch.unchanged",
+            extra={"source": command.source, "run_id": command.run_id, "note": note},
+        )
+        event = FetchUnchanged(
+            run_id=command.run_id,
+            source=command.source,
+            trigger=command.trigger,
+            scheduled_for=command.scheduled_for,
+            attempt=attempt,
+            replay=command.replay,
+            finished_at=datetime.now(UTC),
+            http_status=http_status,
+            note=note,
+        )
+        await self._publish(command, event, msg_id=f"{command.run_id}/r{command.replay}/unchanged")
+
+    async def _fetch(
+        self, source: SourceConfig, command: CollectCommand, request: httpx.Request, deadline: float
+    ) -> Fetched:
+        """Send one request of the run; the attempt's pages share ``total_timeout_s``."""
         with _tracing.tracer().start_as_current_span(
             f"{request.method}",
             kind=trace.SpanKind.CLIENT,
@@ -325,9 +468,13 @@ class Fetcher:
         ) as span:
             started = anyio.current_time()
             try:
-                with anyio.fail_after(source.total_timeout_s):
+                with anyio.fail_after(max(0.0, deadline - started)):
                     fetched = await send(
-                        self._http, request, source=source.name, max_bytes=source.max_response_bytes
+                        self._http,
+                        request,
+                        source=source.name,
+                        max_bytes=source.max_response_bytes,
+                        auth=self._credentials.for_source(source),
                     )
             except TimeoutError as exc:
                 span.set_attribute("error.type", "timeout")
@@ -444,7 +591,19 @@ def _record_http(
     )
 
 
-def _payload(command: CollectCommand, attempt: int, fetched: Fetched) -> RawPayload:
+def _payload(
+    command: CollectCommand,
+    attempt: int,
+    fetched: Fetched,
+    *,
+    source: SourceConfig,
+    progress: _Progress,
+    last: bool,
+    body_sha256: str | None,
+) -> RawPayload:
+    """Page ``progress.page`` of the run, with the hints the writer needs to store it."""
+    one_request = source.pagination is None
+    headers = {k.lower(): v for k, v in fetched.headers.items()}
     return RawPayload(
         run_id=command.run_id,
         source=command.source,
@@ -452,8 +611,8 @@ def _payload(command: CollectCommand, attempt: int, fetched: Fetched) -> RawPayl
         scheduled_for=command.scheduled_for,
         attempt=attempt,
         replay=command.replay,
-        page=0,
-        last=True,
+        page=progress.page,
+        last=last,
         fetched_at=datetime.now(UTC),
         url=fetched.url,
         status_code=fetched.status_code,
@@ -461,8 +620,125 @@ def _payload(command: CollectCommand, attempt: int, fetched: Fetched) -> RawPayl
         content_type=fetched.content_type,
         body=fetched.body,
         elapsed_ms=fetched.elapsed_ms,
-        run_bytes=len(fetched.body),
+        run_bytes=progress.run_bytes,
+        granularity=source.granularity,
+        records_path=_records_path(source),
+        run_rows=progress.run_rows,
+        cursor=msgspec.json.encode(progress.cursor).decode()
+        if last and progress.cursor is not None
+        else None,
+        remember=one_request,
+        etag=headers.get("etag") if one_request else None,
+        last_modified=headers.get("last-modified") if one_request else None,
+        body_sha256=body_sha256,
     )
+
+
+def _records_path(source: SourceConfig) -> str | None:
+    if source.records_path is not None:
+        return source.records_path
+    return source.pagination.records_path if source.pagination is not None else None
+
+
+def _paging(source: SourceConfig) -> Pagination | None:
+    """The source's pagination; its records are the source's ``records_path`` unless it
+    names its own."""
+    p = source.pagination
+    if p is not None and p.records_path is None and source.records_path is not None:
+        p = msgspec.structs.replace(p, records_path=source.records_path)
+    return p
+
+
+def _param_value(cursor: Any, initial: str | None) -> str | None:
+    """The incremental cursor as a query parameter value (strings as they are)."""
+    if cursor is None:
+        return initial
+    return cursor if isinstance(cursor, str) else msgspec.json.encode(cursor).decode()
+
+
+def _progress_key(command: CollectCommand) -> str:
+    """A KV key for the run (keys allow only ``[-/_=.a-zA-Z0-9]``; run ids have ``@``…)."""
+    return hashlib.sha256(f"{command.run_id}/r{command.replay}".encode()).hexdigest()
+
+
+@dataclass(slots=True)
+class _Progress:
+    """Where a run is, and what its published pages added up to (kept in the progress
+    bucket between attempts). URLs are kept redacted there: a redacted query value or a
+    dropped ``user:pass@`` is restored from the run's first request when loaded."""
+
+    state: PageState = field(default_factory=PageState)
+    run_bytes: int = 0
+    run_rows: int = 0
+    #: The incremental cursor so far: the largest tracked field among the run's records.
+    cursor: Any = None
+
+    @property
+    def page(self) -> int:
+        return self.state.page
+
+    def add(self, source: SourceConfig, fetched: Fetched) -> None:
+        """Count a fetched page (before it is published)."""
+        path = _records_path(source)
+        self.run_bytes += len(fetched.body)
+        self.run_rows += _records.row_count(
+            fetched.content_type, fetched.body, granularity=source.granularity, records_path=path
+        )
+        if source.incremental is not None:
+            found = _records.records(fetched.content_type, fetched.body, records_path=path)
+            self.cursor = _records.cursor_max(self.cursor, found, source.incremental.field)
+
+    def dump(self) -> bytes:
+        state = PageState(
+            page=self.state.page,
+            url=_tracing.redact_url(self.state.url) if self.state.url else None,
+            records_seen=self.state.records_seen,
+            seen=[_redact_seen(key) for key in self.state.seen],
+        )
+        return msgspec.json.encode(
+            {
+                "state": msgspec.Raw(state.to_json()),
+                "run_bytes": self.run_bytes,
+                "run_rows": self.run_rows,
+                "cursor": self.cursor,
+            }
+        )
+
+    @classmethod
+    def load(cls, data: bytes, first_url: httpx.URL) -> _Progress:
+        raw = msgspec.json.decode(data)
+        state = PageState.from_json(msgspec.json.encode(raw["state"]))
+        if state.url is not None:
+            state.url = _unredact(state.url, first_url)
+        state.seen = [
+            f"url:{_unredact(key[4:], first_url)}" if key.startswith("url:") else key
+            for key in state.seen
+        ]
+        return cls(
+            state=state,
+            run_bytes=int(raw.get("run_bytes", 0)),
+            run_rows=int(raw.get("run_rows", 0)),
+            cursor=raw.get("cursor"),
+        )
+
+
+def _redact_seen(key: str) -> str:
+    return f"url:{_tracing.redact_url(key[4:])}" if key.startswith("url:") else key
+
+
+def _unredact(url: str, first: httpx.URL) -> str:
+    """Put back what ``redact_url`` took out, from the run's first request."""
+    target = httpx.URL(url)
+    secret = {
+        name: first.params[name]
+        for name, value in target.params.multi_items()
+        if value == _tracing.REDACTED and name in first.params
+    }
+    if secret:
+        target = target.copy_merge_params(secret)
+    if first.userinfo and not target.userinfo and target.host == first.host:
+        target = target.copy_with(username=first.username, password=first.password)
+    return str(target)
 
 
 def _failure_fields(

@@ -22,23 +22,27 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
 from contracts import DEFAULT_PREFIX
+from daemon._pagination import Pagination
 from daemon._schedule import Schedule, check_cron, check_timezone
 from daemon._template import check_template, check_value
 from daemon.errors import ConfigError
 
 __all__ = [
     "SECONDS",
+    "Incremental",
     "Retries",
     "Settings",
     "SourceConfig",
     "load_settings",
     "parse_duration",
+    "parse_rate",
     "parse_settings",
     "resolve_secrets",
 ]
@@ -62,6 +66,100 @@ class Retries(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     max_attempts: PositiveInt = 3
     #: Cap of the exponential backoff (full jitter) between attempts.
     max_backoff_s: PositiveFloat = 5 * MINUTES
+
+
+class Incremental(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Ask only for what is new (``[sources.incremental]``): the largest ``field`` among the
+    records of the last stored run is sent as the query parameter ``param``."""
+
+    #: Path inside each record, e.g. ``updated_at`` or ``meta.id``.
+    field: str
+    #: Query parameter the cursor is sent as, e.g. ``since``.
+    param: str
+    #: Sent before any run has stored a record; unset: the first run sends no parameter.
+    initial: str | None = None
+
+    def __post_init__(self) -> None:
+        _field("field", _check_path, self.field)
+
+
+_JSON_PATH_RE = re.compile(r"^(?:[^.\[\]]+|\[\d+\])(?:\.[^.\[\]]+|\[\d+\])*$")
+
+
+def _check_path(path: str) -> None:
+    if not _JSON_PATH_RE.match(path):
+        raise ValueError(f"{path!r} is not a path like 'data.items' or 'a[0].b'")
+
+
+class _AuthBase(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="kind"
+):
+    """``[sources.auth]``: credentials applied to every request of the source.
+
+    Secret fields (token, key, password, client_secret) come only from ``{ secret = "…" }``
+    references, resolved at load; ``repr`` never shows them.
+    """
+
+    _SECRETS: ClassVar[tuple[str, ...]] = ()
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{name}={'<secret>' if name in self._SECRETS else getattr(self, name)!r}"
+            for name in self.__struct_fields__
+        )
+        return f"{type(self).__name__}({shown})"
+
+
+class BearerAuth(_AuthBase, frozen=True, tag="bearer"):
+    """``Authorization: Bearer <token>``."""
+
+    _SECRETS = ("token",)
+    token: str
+
+
+class ApiKeyAuth(_AuthBase, frozen=True, tag="api_key"):
+    """A key in a request header (``header = "X-Api-Key"``) or query parameter (``param``)."""
+
+    _SECRETS = ("key",)
+    key: str
+    header: str | None = None
+    param: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.header is None) == (self.param is None):
+            raise ValueError("header: give exactly one of header or param for an api_key")
+
+
+class BasicAuth(_AuthBase, frozen=True, tag="basic"):
+    """HTTP Basic authentication."""
+
+    _SECRETS = ("password",)
+    username: str
+    password: str
+
+
+class OAuth2Auth(_AuthBase, frozen=True, tag="oauth2"):
+    """OAuth 2 client credentials: a token from ``token_url``, cached, refreshed before expiry."""
+
+    _SECRETS = ("client_secret",)
+    token_url: str
+    client_id: str
+    client_secret: str
+    scope: str | None = None
+    audience: str | None = None
+    #: How the client authenticates to the token endpoint: HTTP Basic (RFC 6749) or form fields.
+    client_auth: Literal["basic", "body"] = "basic"
+    #: Fetch a new token this long before the old one expires (at most half its lifetime).
+    refresh_margin_s: Annotated[float, msgspec.Meta(ge=0)] = 60 * SECONDS
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^https?://", self.token_url):
+            raise ValueError(f"token_url: {self.token_url!r} must start with http:// or https://")
+
+
+Auth = BearerAuth | ApiKeyAuth | BasicAuth | OAuth2Auth
+#: Fields of ``[sources.auth]`` that must be ``{ secret = "…" }`` references, never literals.
+AUTH_SECRET_FIELDS = ("token", "key", "password", "client_secret")
 
 
 class SourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -94,6 +192,25 @@ class SourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     allow_overlap: bool = False
     #: Keep this many days of collected rows and runs; older ones are pruned. Unset: keep all.
     retention_days: PositiveInt | None = None
+    #: How to follow the API's pages (``[sources.pagination]``); unset: one request per run.
+    pagination: Pagination | None = None
+    #: Where a page's records are (``data.items``); unset: the body itself when it is a list.
+    records_path: str | None = None
+    #: ``page``: one row per response page; ``record``: one row per record of a page.
+    granularity: Literal["page", "record"] = "page"
+    #: Send ``If-None-Match`` / ``If-Modified-Since`` from the last stored response; a 304
+    #: makes the run ``unchanged``. Single-request sources only (no pagination).
+    conditional: bool = True
+    #: A body identical (sha256) to the last stored one is not stored again: run ``unchanged``.
+    skip_unchanged: bool = False
+    #: Ask only for records newer than the last run's (``[sources.incremental]``).
+    incremental: Incremental | None = None
+    #: Credentials for every request (``[sources.auth]``, ``kind = "bearer"`` …).
+    auth: Auth | None = None
+    #: Requests per host at most, shared by every source of that host: ``"5/s"``, ``"100/m"``.
+    rate_limit: str | None = None
+    #: Fire each slot up to this many seconds late, by a fixed offset derived from the name.
+    jitter_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -110,6 +227,23 @@ class SourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             if self.method in ("GET", "HEAD", "DELETE"):
                 raise ValueError(f"body: a body needs method POST, PUT or PATCH, not {self.method}")
             _field("body", check_value, self.body)
+        if self.records_path is not None:
+            _field("records_path", _check_path, self.records_path)
+        if (
+            self.incremental is not None
+            and self.records_path is None
+            and (self.granularity != "record")
+        ):
+            raise ValueError(
+                "incremental: needs records_path (where the records whose field is tracked"
+                " are), or granularity = 'record' for a list or JSON-lines body"
+            )
+        if self.skip_unchanged and self.pagination is not None:
+            raise ValueError("skip_unchanged: not supported with pagination (one body per run)")
+        if self.rate_limit is not None:
+            _field("rate_limit", parse_rate, self.rate_limit)
+        if self.jitter_s:
+            _field("jitter_s", _check_jitter(self.cron), self.jitter_s)
 
     @property
     def cron(self) -> Schedule:
@@ -118,6 +252,39 @@ class SourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     @property
     def catchup_window_s(self) -> float:
         return parse_duration(self.catchup_window)
+
+    @property
+    def rate_interval_s(self) -> float:
+        """Least time between two requests to this source's host (0: no limit)."""
+        return parse_rate(self.rate_limit) if self.rate_limit is not None else 0.0
+
+
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+
+
+def parse_rate(text: str) -> float:
+    """Seconds between requests for ``"5/s"``, ``"100/m"`` or ``"1000/h"``; ValueError otherwise."""
+    match = _RATE_RE.match(text)
+    if match is None or float(match[1]) <= 0:
+        raise ValueError(f"{text!r} is not a rate like '5/s', '100/m' or '1000/h'")
+    return _UNIT_S[match[2]] / float(match[1])
+
+
+def _check_jitter(cron: Schedule) -> Any:
+    def check(jitter_s: float) -> None:
+        # The shortest gap among the next slots: a jitter past it would fire slots out of turn.
+        slot = cron.next_after(datetime(2026, 1, 1, tzinfo=UTC))
+        gap = float("inf")
+        for _ in range(64):
+            nxt = cron.next_after(slot)
+            gap = min(gap, (nxt - slot).total_seconds())
+            slot = nxt
+        if jitter_s >= gap:
+            raise ValueError(
+                f"{jitter_s:g} must be less than the schedule's shortest interval ({gap:g} s)"
+            )
+
+    return check
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
@@ -312,6 +479,22 @@ def resolve_secrets(data: dict[str, Any], origin: str, env: Mapping[str, str]) -
                     if table == "params":
                         resolved = resolved.replace("{", "{{").replace("}", "}}")
                     values[name] = resolved
+        if isinstance(auth := source.get("auth"), dict):
+            _resolve_auth(auth, f"{origin}: sources[{i}].auth", env)
+
+
+def _resolve_auth(auth: dict[str, Any], key: str, env: Mapping[str, str]) -> None:
+    """Secret fields must be references; any field may be one (``client_id`` too)."""
+    for name, value in auth.items():
+        if isinstance(value, dict):
+            auth[name] = _secret(f"{key}.{name}", value, env)
+        elif name in AUTH_SECRET_FIELDS:
+            # Never echo the value: it is a secret written where it does not belong.
+            raise ConfigError(
+                f"{key}.{name}: an inline secret is not allowed; write"
+                f' {name} = {{ secret = "<name>" }} and put the value in'
+                " $CREDENTIALS_DIRECTORY/<name> or COLETA_SECRET_<NAME>"
+            )
 
 
 def load_settings(

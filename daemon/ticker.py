@@ -8,10 +8,16 @@ one after a restart) publishing the same slot makes one run, not two.
 At start-up, slots missed while no daemon ran are caught up (``_catchup``) in the background,
 beside the ticking: catch-up takes the slots up to the start time, ticking the ones after it,
 so no slot is both caught up and ticked.
+
+A source with ``jitter_s`` fires each slot a fixed offset in ``[0, jitter_s)`` after it, derived
+from the source's name alone (``jitter_offset``): many sources sharing a schedule spread out,
+while every replica and restart computes the same offset. The run keeps the slot itself as
+``scheduled_for`` and as its run id, so de-duplication works as without jitter.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from datetime import datetime, timedelta
 
@@ -29,12 +35,21 @@ from daemon._schedule import run_id_for
 from daemon.errors import TransientError
 from daemon.settings import Settings, SourceConfig
 
-__all__ = ["Ticker"]
+__all__ = ["Ticker", "jitter_offset"]
 
 log = get_logger("ticker")
 
 #: How soon a slot whose command the bus refused is tried again.
 _RETRY_S = 2.0
+
+
+def jitter_offset(source: SourceConfig) -> timedelta:
+    """How long after each slot ``source`` fires: in ``[0, jitter_s)``, fixed by its name."""
+    if not source.jitter_s:
+        return timedelta(0)
+    digest = hashlib.sha256(source.name.encode()).digest()
+    fraction = int.from_bytes(digest[:8], "big") / 2**64
+    return timedelta(seconds=source.jitter_s * fraction)
 
 
 class Ticker:
@@ -78,12 +93,13 @@ class Ticker:
             for name, source in enabled.items()
             if (previous := old.source(name)) is not None
             and previous.enabled
-            and (previous.schedule, previous.timezone) == (source.schedule, source.timezone)
+            and (previous.schedule, previous.timezone, previous.jitter_s)
+            == (source.schedule, source.timezone, source.jitter_s)
         }
         heap = [entry for entry in self._heap if entry[1] in same]
         for name in enabled.keys() - same:
             slot = enabled[name].cron.next_after(now)
-            heap.append((slot, name, slot))
+            heap.append((slot + jitter_offset(enabled[name]), name, slot))
         heapq.heapify(heap)
         self._heap = heap
         self._plans += 1
@@ -103,7 +119,7 @@ class Ticker:
         self._heap = []
         for configured in enabled:
             slot = configured.cron.next_after(now)
-            self._heap.append((slot, configured.name, slot))
+            self._heap.append((slot + jitter_offset(configured), configured.name, slot))
         heapq.heapify(self._heap)
         self._planned = True
         async with anyio.create_task_group() as tg:
@@ -138,7 +154,7 @@ class Ticker:
                     continue  # re-planned while this slot was being queued
                 if queued:
                     nxt = self._following(source, slot, now)
-                    heapq.heappush(self._heap, (nxt, name, nxt))
+                    heapq.heappush(self._heap, (nxt + jitter_offset(source), name, nxt))
                 else:
                     retry_at = now + timedelta(seconds=_RETRY_S)
                     heapq.heappush(self._heap, (retry_at, name, slot))
@@ -154,7 +170,7 @@ class Ticker:
     async def _tick(self, source: SourceConfig, slot: datetime, now: datetime) -> bool:
         """Queue the slot's run; False when the bus refused it (retried shortly)."""
         run_id = run_id_for(source.name, slot)
-        lateness_s = (now - slot).total_seconds()
+        lateness_s = (now - slot - jitter_offset(source)).total_seconds()
         try:
             await queue_run(self._bus, source, slot, run_id=run_id, trigger="schedule", now=now)
         except TransientError as exc:

@@ -2,9 +2,22 @@
 
 Two durable consumers feed the writer: ``runs`` on the command stream records each run as
 ``queued`` the moment it is asked for, and ``writer`` on the raw stream stores payloads and run
-outcomes. Each batch is one transaction — rows inserted with ``ON CONFLICT (run_id, page) DO
-NOTHING`` and the runs' records updated alongside — and messages are acked only after commit.
-A replayed message therefore inserts nothing twice, and a crash before the ack only replays.
+outcomes. Each batch is one transaction — rows inserted with ``ON CONFLICT (run_id, page,
+record) DO NOTHING`` and the runs' records updated alongside — and messages are acked only after
+commit. A replayed message therefore inserts nothing twice, and a crash before the ack only
+replays.
+
+A page is one row, or one row per record (``granularity = "record"``, or a JSON-lines body):
+see ``daemon._records``. A page that cannot be split is stored whole, with a warning.
+
+Source state (how the next run asks): the last page of a run carries its validators (``ETag``,
+``Last-Modified``, body sha256, for one-request runs) and its incremental cursor; they go to the
+``source_state`` table in the transaction of the data they came from, so a crash can neither
+skip nor repeat a range. The fetcher has no database access: after each commit, and at
+start-up, the writer copies the touched rows of ``source_state`` into the key-value bucket
+``<prefix>_sources`` (key: source name, value: JSON), which the fetcher reads. PostgreSQL stays
+the source of truth; if a copy fails it is logged and the next commit or start-up repairs it
+(meanwhile a run may ask for a range again — never skip one).
 
 A batch that PostgreSQL rejects is retried one message per transaction, so one bad row cannot
 sink the others; the bad one's run is marked ``failed`` with the reason.
@@ -33,12 +46,13 @@ from contracts import (
     CollectCommand,
     FetchFailed,
     FetchStarted,
+    FetchUnchanged,
     RawPayload,
     RunEvent,
     RunMissed,
     decoder,
 )
-from daemon import _metrics, _tracing
+from daemon import _metrics, _records, _tracing
 from daemon._bus import Bus, PullSubscription, message_trace_id
 from daemon._db import Database
 from daemon._logging import get_logger
@@ -59,27 +73,48 @@ _STORE_RETRY_S = 2.0
 
 INSERT_DATA = """
 INSERT INTO collected_data
-    (run_id, source, page, scheduled_for, collected_at, http_status, content_type, data, body)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)
-ON CONFLICT (run_id, page) DO NOTHING
+    (run_id, source, page, record, scheduled_for, collected_at, http_status, content_type,
+     data, body)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)
+ON CONFLICT (run_id, page, record) DO NOTHING
 """
 
-# Status only moves forward: queued → fetching → stored | failed; a terminal status stays.
+#: Validators are replaced by a one-request run's (``remember``); the cursor only grows.
+UPSERT_SOURCE_STATE = """
+INSERT INTO source_state AS s (source, etag, last_modified, body_sha256, cursor, updated_at)
+VALUES (%(source)s, %(etag)s, %(last_modified)s, %(body_sha256)s, %(cursor)s::jsonb, now())
+ON CONFLICT (source) DO UPDATE SET
+    etag          = CASE WHEN %(remember)s THEN EXCLUDED.etag ELSE s.etag END,
+    last_modified = CASE WHEN %(remember)s THEN EXCLUDED.last_modified ELSE s.last_modified END,
+    body_sha256   = CASE WHEN %(remember)s THEN EXCLUDED.body_sha256 ELSE s.body_sha256 END,
+    cursor        = GREATEST(s.cursor, EXCLUDED.cursor),
+    updated_at    = now()
+"""
+
+SELECT_SOURCE_STATE = """
+SELECT source, etag, last_modified, body_sha256, cursor FROM source_state
+WHERE %(sources)s::text[] IS NULL OR source = ANY(%(sources)s::text[])
+"""
+
+# Status only moves forward: queued → fetching → stored | unchanged | failed; a terminal
+# status stays.
 # 'missed' is not terminal: a later run of the same slot (catch-up, backfill) replaces it.
 # Each dead-letter replay of a run has a higher ``replay`` number: its first event starts the
 # record over, and events of an older attempt arriving late change nothing.
 UPSERT_RUN = """
 INSERT INTO collection_runs AS r
     (run_id, source, trigger, scheduled_for, status, attempts, pages, rows, bytes,
-     http_status, error_code, error, trace_id, queued_at, started_at, finished_at, replay)
+     http_status, error_code, error, trace_id, queued_at, started_at, finished_at, replay,
+     note)
 VALUES (%(run_id)s, %(source)s, %(trigger)s, %(scheduled_for)s, %(status)s, %(attempts)s,
         %(pages)s, %(rows)s, %(bytes)s, %(http_status)s, %(error_code)s, %(error)s,
-        %(trace_id)s, %(queued_at)s, %(started_at)s, %(finished_at)s, %(replay)s)
+        %(trace_id)s, %(queued_at)s, %(started_at)s, %(finished_at)s, %(replay)s, %(note)s)
 ON CONFLICT (run_id) DO UPDATE SET
     status = CASE
         WHEN EXCLUDED.status = 'missed' THEN r.status
         WHEN EXCLUDED.replay > r.replay OR r.status = 'missed' THEN EXCLUDED.status
-        WHEN EXCLUDED.replay < r.replay OR r.status IN ('stored', 'failed') THEN r.status
+        WHEN EXCLUDED.replay < r.replay OR r.status IN ('stored', 'unchanged', 'failed')
+            THEN r.status
         WHEN EXCLUDED.status = 'queued' THEN r.status
         ELSE EXCLUDED.status END,
     attempts    = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.attempts
@@ -91,15 +126,18 @@ ON CONFLICT (run_id) DO UPDATE SET
     bytes       = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.bytes
                        ELSE GREATEST(r.bytes, EXCLUDED.bytes) END,
     http_status = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.http_status
-                       WHEN EXCLUDED.replay < r.replay OR r.status IN ('stored', 'failed')
+                       WHEN EXCLUDED.replay < r.replay
+                           OR r.status IN ('stored', 'unchanged', 'failed')
                            THEN r.http_status
                        ELSE COALESCE(EXCLUDED.http_status, r.http_status) END,
     error_code  = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.error_code
-                       WHEN EXCLUDED.replay < r.replay OR r.status IN ('stored', 'failed')
+                       WHEN EXCLUDED.replay < r.replay
+                           OR r.status IN ('stored', 'unchanged', 'failed')
                            THEN r.error_code
                        ELSE EXCLUDED.error_code END,
     error       = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.error
-                       WHEN EXCLUDED.replay < r.replay OR r.status IN ('stored', 'failed')
+                       WHEN EXCLUDED.replay < r.replay
+                           OR r.status IN ('stored', 'unchanged', 'failed')
                            THEN r.error
                        ELSE EXCLUDED.error END,
     trace_id    = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.trace_id
@@ -110,6 +148,10 @@ ON CONFLICT (run_id) DO UPDATE SET
                        ELSE COALESCE(r.started_at, EXCLUDED.started_at) END,
     finished_at = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.finished_at
                        ELSE COALESCE(r.finished_at, EXCLUDED.finished_at) END,
+    note        = CASE WHEN EXCLUDED.replay > r.replay THEN EXCLUDED.note
+                       WHEN EXCLUDED.replay < r.replay
+                           OR r.status IN ('stored', 'unchanged', 'failed') THEN r.note
+                       ELSE COALESCE(EXCLUDED.note, r.note) END,
     replay      = GREATEST(r.replay, EXCLUDED.replay),
     updated_at  = now()
 """
@@ -155,11 +197,56 @@ class _Item:
     """One decoded message with what the batch will write for it."""
 
     msg: Msg
-    data_row: tuple[Any, ...] | None
+    data_rows: list[tuple[Any, ...]]
     run_row: dict[str, Any]
     span: Span | None = None
     #: A body in the object store, read before the write and deleted after the commit.
     body_ref: str | None = None
+    #: The page whose rows are built once its body is in hand (``body_ref``).
+    payload: RawPayload | None = None
+    #: The source's state after this run (its last page only).
+    state_row: dict[str, Any] | None = None
+
+
+def _data_rows(event: RawPayload, body: bytes) -> list[tuple[Any, ...]]:
+    """The rows of one page: the page whole, or one per record."""
+    common = (event.run_id, event.source, event.page)
+    tail = (event.scheduled_for, event.fetched_at, event.status_code, event.content_type)
+    split = _records.split_page(
+        event.content_type, body, granularity=event.granularity, records_path=event.records_path
+    )
+    if split is None:
+        if event.granularity == "record" or _records.is_json_lines_type(event.content_type):
+            log.warning(
+                "write.page_whole",
+                extra={
+                    "source": event.source,
+                    "run_id": event.run_id,
+                    "page": event.page,
+                    "reason": f"no list of records at {event.records_path or 'the top level'}"
+                    if event.granularity == "record"
+                    else "a line is not JSON",
+                },
+            )
+        return [(*common, 0, *tail, *split_body(event.content_type, body))]
+    return [
+        (*common, i, *tail, *split_body("application/json", text))
+        for i, text in enumerate(split.texts)
+    ]
+
+
+def _state_row(event: RawPayload) -> dict[str, Any] | None:
+    """What the run's last page tells the source's next run, if anything."""
+    if not event.last or not (event.remember or event.cursor is not None):
+        return None
+    return {
+        "source": event.source,
+        "remember": event.remember,
+        "etag": event.etag,
+        "last_modified": event.last_modified,
+        "body_sha256": event.body_sha256,
+        "cursor": event.cursor,
+    }
 
 
 def _run_row(**fields: Any) -> dict[str, Any]:
@@ -178,7 +265,7 @@ def _run_row(**fields: Any) -> dict[str, Any]:
             "finished_at",
         )
     )
-    row.update(attempts=0, pages=0, rows=0, bytes=0, replay=0)
+    row.update(attempts=0, pages=0, rows=0, bytes=0, replay=0, note=None)
     row.update(fields)
     return row
 
@@ -195,7 +282,7 @@ def _item_for_command(msg: Msg) -> _Item:
         queued_at=cmd.requested_at,
         replay=cmd.replay,
     )
-    return _Item(msg, None, run)
+    return _Item(msg, [], run)
 
 
 def _item_for_event(msg: Msg) -> _Item:
@@ -210,10 +297,19 @@ def _item_for_event(msg: Msg) -> _Item:
         "replay": event.replay,
     }
     if isinstance(event, FetchStarted):
-        return _Item(msg, None, _run_row(**common, status="fetching", started_at=event.started_at))
+        return _Item(msg, [], _run_row(**common, status="fetching", started_at=event.started_at))
     if isinstance(event, RunMissed):
         run = _run_row(**common, status="missed", error=event.reason or None, error_code="missed")
-        return _Item(msg, None, run)
+        return _Item(msg, [], run)
+    if isinstance(event, FetchUnchanged):
+        run = _run_row(
+            **common,
+            status="unchanged",
+            http_status=event.http_status,
+            finished_at=event.finished_at,
+            note=event.note or None,
+        )
+        return _Item(msg, [], run)
     if isinstance(event, FetchFailed):
         run = _run_row(
             **common,
@@ -223,30 +319,21 @@ def _item_for_event(msg: Msg) -> _Item:
             error=event.error,
             finished_at=event.failed_at,
         )
-        return _Item(msg, None, run)
+        return _Item(msg, [], run)
     assert isinstance(event, RawPayload)
-    data, body = split_body(event.content_type, event.body)
-    row = (
-        event.run_id,
-        event.source,
-        event.page,
-        event.scheduled_for,
-        event.fetched_at,
-        event.status_code,
-        event.content_type,
-        data,
-        body,
-    )
     run = _run_row(
         **common,
         status="stored" if event.last else "fetching",
         pages=event.page + 1,
-        rows=event.page + 1,
+        rows=event.run_rows if event.run_rows is not None else event.page + 1,
         bytes=event.run_bytes,
         http_status=event.status_code,
         finished_at=event.fetched_at if event.last else None,
     )
-    return _Item(msg, row, run, body_ref=event.body_ref)
+    rows = [] if event.body_ref is not None else _data_rows(event, event.body)
+    return _Item(
+        msg, rows, run, body_ref=event.body_ref, payload=event, state_row=_state_row(event)
+    )
 
 
 class Writer:
@@ -279,6 +366,8 @@ class Writer:
         raw = await self._bus.pull(s.raw_stream, s.writer_consumer)
         try:
             async with anyio.create_task_group() as tg:
+                # The fetcher's copy of source_state may be behind (a copy failed, new bucket).
+                tg.start_soon(self.publish_source_states, name="writer-source-state")
                 tg.start_soon(
                     self._consume, runs, _item_for_command, s.runs_consumer, name="writer-runs"
                 )
@@ -365,12 +454,10 @@ class Writer:
     async def _resolve_bodies(self, items: Sequence[_Item]) -> None:
         """Read bodies that travelled through the object store into their rows."""
         for item in items:
-            if item.body_ref is None or item.data_row is None:
+            if item.body_ref is None or item.payload is None:
                 continue
             body = await self._bus.get_body(item.body_ref)
-            content_type = item.data_row[6]
-            data, raw = split_body(content_type, body)
-            item.data_row = (*item.data_row[:7], data, raw)
+            item.data_rows = _data_rows(item.payload, body)
 
     async def _forget_bodies(self, items: Sequence[_Item]) -> None:
         for item in items:
@@ -378,7 +465,8 @@ class Writer:
                 await self._bus.delete_body(item.body_ref)
 
     async def _store(self, items: Sequence[_Item]) -> None:
-        rows = [item.data_row for item in items if item.data_row is not None]
+        rows = [row for item in items for row in item.data_rows]
+        states = [item.state_row for item in items if item.state_row is not None]
         try:
             async with (
                 self._db.pool.connection() as conn,
@@ -390,10 +478,38 @@ class Writer:
                         await cur.executemany(INSERT_DATA, rows)
                 with _sql_span(conn, self._db.schema, "collection_runs", len(items)):
                     await cur.executemany(UPSERT_RUN, [item.run_row for item in items])
+                if states:
+                    with _sql_span(conn, self._db.schema, "source_state", len(states)):
+                        await cur.executemany(UPSERT_SOURCE_STATE, states)
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(str(exc).strip() or type(exc).__name__) from exc
         self.rows_written += len(rows)
         _record_committed(items)
+        if states:
+            await self.publish_source_states(sorted({state["source"] for state in states}))
+
+    async def publish_source_states(self, sources: Sequence[str] | None = None) -> None:
+        """Copy ``source_state`` rows (all, or these sources') into ``<prefix>_sources``.
+
+        Failing is logged, never raised: the data is committed, and the next commit or start-up
+        copies the row again.
+        """
+        try:
+            async with self._db.pool.connection() as conn, conn.cursor() as cur:
+                await cur.execute(
+                    SELECT_SOURCE_STATE, {"sources": list(sources) if sources else None}
+                )
+                found = await cur.fetchall()
+            for source, etag, last_modified, body_sha256, cursor in found:
+                value = {
+                    "etag": etag,
+                    "last_modified": last_modified,
+                    "body_sha256": body_sha256,
+                    "cursor": cursor,
+                }
+                await self._bus.kv_put(self._bus.sources, source, msgspec.json.encode(value))
+        except (psycopg.Error, StoreUnavailable, TransientError) as exc:
+            log.warning("write.source_state_unpublished", extra={"error": str(exc)})
 
     async def _store_one_by_one(self, items: Sequence[_Item]) -> None:
         for item in items:
@@ -497,9 +613,9 @@ def _record_committed(items: Sequence[_Item]) -> None:
     rows: dict[str, int] = {}
     for item in items:
         run = item.run_row
-        if item.data_row is not None:
-            rows[run["source"]] = rows.get(run["source"], 0) + 1
-        if run["status"] in ("stored", "failed", "missed"):
+        if item.data_rows:
+            rows[run["source"]] = rows.get(run["source"], 0) + len(item.data_rows)
+        if run["status"] in ("stored", "unchanged", "failed", "missed"):
             _metrics.record_run(
                 run["source"],
                 run["status"],

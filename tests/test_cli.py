@@ -329,8 +329,17 @@ def test_migrate_applies_the_schema_once(database_url: str, db_schema: str) -> N
         versions = conn.execute(
             f'SELECT version, name FROM "{db_schema}".schema_migrations'
         ).fetchall()
-    assert tables == [("collected_data",), ("collection_runs",), ("schema_migrations",)]
-    assert versions == [(1, "0001_init.sql"), (2, "0002_missed_and_replayed_runs.sql")]
+    assert tables == [
+        ("collected_data",),
+        ("collection_runs",),
+        ("schema_migrations",),
+        ("source_state",),
+    ]
+    assert versions == [
+        (1, "0001_init.sql"),
+        (2, "0002_missed_and_replayed_runs.sql"),
+        (3, "0003_pages_records_source_state.sql"),
+    ]
 
 
 def test_status_strip_shows_each_days_best_outcome(

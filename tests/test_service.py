@@ -173,6 +173,8 @@ async def test_the_service_is_discoverable_with_the_micro_protocol(
     assert subjects == {
         **{name: f"{bus_prefix}.{name}" for name in ("status", "trigger", "runs", "health")},
         "dlq_replay": f"{bus_prefix}.dlq.replay",
+        "backfill": f"{bus_prefix}.backfill",
+        "backfill_progress": f"{bus_prefix}.backfill.progress",
     }
     requests = {e["name"]: e["num_requests"] for e in stats["endpoints"]}
     assert requests["status"] == 1
