@@ -8,6 +8,7 @@ streams and buckets after ``bus_prefix``, which is cleaned up after each test.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
@@ -19,6 +20,7 @@ from typing import Literal, TypeVar
 
 import anyio
 import nats
+import nats.js.errors
 import pytest
 from anyio.from_thread import start_blocking_portal
 
@@ -126,9 +128,11 @@ async def delete_prefixed_streams(url: str, prefix: str) -> list[str]:
         names: list[str] = []
         while page := await js.streams_info(offset=len(names)):
             names.extend(info.config.name or "" for info in page)
-        doomed = [name for name in names if _belongs_to(name, prefix)]
+        # Paging by offset can list a name twice while other clients add or remove streams.
+        doomed = sorted({name for name in names if _belongs_to(name, prefix)})
         for name in doomed:
-            await js.delete_stream(name)
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_stream(name)
         return doomed
     finally:
         await nc.close()
