@@ -27,7 +27,7 @@ import anyio
 import httpx
 import msgspec
 
-from daemon._http import is_retryable_status, parse_retry_after
+from daemon._http import status_error
 from daemon._logging import get_logger
 from daemon._tracing import redact_text, redact_url
 from daemon.errors import FetchPermanent, FetchTransient
@@ -186,16 +186,7 @@ class Credentials:
             message = (
                 f"OAuth token request to {url}: HTTP {status}{_error_detail(response, config)}"
             )
-            if is_retryable_status(status):
-                raise FetchTransient(
-                    message,
-                    source=source,
-                    url=url,
-                    status=status,
-                    code="auth",
-                    retry_after_s=parse_retry_after(response.headers.get("retry-after")),
-                )
-            raise FetchPermanent(message, source=source, url=url, status=status, code="auth")
+            raise status_error(message, response, source=source, url=url, code="auth")
         try:
             reply = _decode_token(response.content)
         except (msgspec.ValidationError, msgspec.DecodeError):

@@ -33,6 +33,7 @@ __all__ = [
     "open_client",
     "parse_retry_after",
     "send",
+    "status_error",
 ]
 
 USER_AGENT = f"coleta/{__version__}"
@@ -221,19 +222,30 @@ async def send(
     )
 
 
-def _status_error(response: httpx.Response, *, source: str, url: str) -> Exception:
+def _status_error(
+    response: httpx.Response, *, source: str, url: str
+) -> FetchTransient | FetchPermanent:
     status = response.status_code
     reason = response.reason_phrase or ""
     # The body may echo the request URL, key included: redact URLs in it too.
     snippet = redact_text(response.content[:200].decode("utf-8", "replace").strip())
     message = f"HTTP {status} {reason} from {url}" + (f": {snippet}" if snippet else "")
+    return status_error(message, response, source=source, url=url, code="http_status")
+
+
+def status_error(
+    message: str, response: httpx.Response, *, source: str, url: str, code: str
+) -> FetchTransient | FetchPermanent:
+    """The error for an unsuccessful ``response``: transient, with the ``Retry-After`` it asks
+    for, when the retry predicate says so; permanent otherwise."""
+    status = response.status_code
     if is_retryable_status(status):
         return FetchTransient(
             message,
             source=source,
             url=url,
             status=status,
-            code="http_status",
+            code=code,
             retry_after_s=parse_retry_after(response.headers.get("retry-after")),
         )
-    return FetchPermanent(message, source=source, url=url, status=status, code="http_status")
+    return FetchPermanent(message, source=source, url=url, status=status, code=code)

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, TypedDict
 
 import anyio
 import httpx
@@ -37,6 +37,7 @@ from contracts import (
     FetchStarted,
     FetchUnchanged,
     RawPayload,
+    Trigger,
     decoder,
 )
 from daemon import _metrics, _records, _tracing
@@ -273,15 +274,10 @@ class Fetcher:
         await self._publish(
             command,
             FetchStarted(
-                run_id=command.run_id,
-                source=command.source,
-                trigger=command.trigger,
-                scheduled_for=command.scheduled_for,
-                attempt=attempt,
-                replay=command.replay,
+                **_envelope(command, attempt),
                 started_at=datetime.now(UTC),
             ),
-            msg_id=f"{command.run_id}/r{command.replay}/started/{attempt}",
+            msg_id=_msg_id(command, f"started/{attempt}"),
         )
         try:
             await self._collect(source, command, attempt)
@@ -439,17 +435,12 @@ class Fetcher:
             extra={"source": command.source, "run_id": command.run_id, "note": note},
         )
         event = FetchUnchanged(
-            run_id=command.run_id,
-            source=command.source,
-            trigger=command.trigger,
-            scheduled_for=command.scheduled_for,
-            attempt=attempt,
-            replay=command.replay,
+            **_envelope(command, attempt),
             finished_at=datetime.now(UTC),
             http_status=http_status,
             note=note,
         )
-        await self._publish(command, event, msg_id=f"{command.run_id}/r{command.replay}/unchanged")
+        await self._publish(command, event, msg_id=_msg_id(command, "unchanged"))
 
     async def _fetch(
         self, source: SourceConfig, command: CollectCommand, request: httpx.Request, deadline: float
@@ -521,12 +512,7 @@ class Fetcher:
             },
         )
         event = FetchFailed(
-            run_id=command.run_id,
-            source=command.source,
-            trigger=command.trigger,
-            scheduled_for=command.scheduled_for,
-            attempt=attempt,
-            replay=command.replay,
+            **_envelope(command, attempt),
             failed_at=datetime.now(UTC),
             error_code=code,
             error=error,
@@ -540,14 +526,14 @@ class Fetcher:
             run_id=command.run_id,
             code=code,
             error=error,
-            msg_id=f"{command.run_id}/r{command.replay}/dlq",
+            msg_id=_msg_id(command, "dlq"),
         )
         _metrics.record_dead_letter(command.source, code, stage="fetcher")
-        await self._publish(command, event, msg_id=f"{command.run_id}/r{command.replay}/failed")
+        await self._publish(command, event, msg_id=_msg_id(command, "failed"))
 
     async def _publish_payload(self, command: CollectCommand, payload: RawPayload) -> None:
         """Publish a page; a body too large for one NATS message goes to the object store."""
-        msg_id = f"{command.run_id}/r{command.replay}/p{payload.page}"
+        msg_id = _msg_id(command, f"p{payload.page}")
         # JSON carries bytes as base64: 4 bytes on the wire for every 3 of the body.
         if len(payload.body) * 4 // 3 + _ENVELOPE_BYTES > self._bus.max_payload:
             name = f"{command.run_id}/{payload.page}"
@@ -567,6 +553,34 @@ class Fetcher:
             source=command.source,
             run_id=command.run_id,
         )
+
+
+class _Envelope(TypedDict):
+    """The fields every run event repeats from its command (``_RunEventBase``)."""
+
+    run_id: str
+    source: str
+    trigger: Trigger
+    scheduled_for: datetime
+    attempt: int
+    replay: int
+
+
+def _envelope(command: CollectCommand, attempt: int) -> _Envelope:
+    """The run event fields of ``command``'s delivery ``attempt``: ``Event(**_envelope(…))``."""
+    return _Envelope(
+        run_id=command.run_id,
+        source=command.source,
+        trigger=command.trigger,
+        scheduled_for=command.scheduled_for,
+        attempt=attempt,
+        replay=command.replay,
+    )
+
+
+def _msg_id(command: CollectCommand, event: str) -> str:
+    """The ``Nats-Msg-Id`` of one event of the run: unique per run, replay and ``event``."""
+    return f"{command.run_id}/r{command.replay}/{event}"
 
 
 def _record_http(
@@ -605,12 +619,7 @@ def _payload(
     one_request = source.pagination is None
     headers = {k.lower(): v for k, v in fetched.headers.items()}
     return RawPayload(
-        run_id=command.run_id,
-        source=command.source,
-        trigger=command.trigger,
-        scheduled_for=command.scheduled_for,
-        attempt=attempt,
-        replay=command.replay,
+        **_envelope(command, attempt),
         page=progress.page,
         last=last,
         fetched_at=datetime.now(UTC),

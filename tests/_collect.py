@@ -23,8 +23,9 @@ def source(api: LocalAPI, name: str, path: str, **extra: Any) -> dict[str, Any]:
 
 
 def run_row(db: psycopg.Connection[Any], run_id: str) -> dict[str, Any] | None:
+    """The ``collection_runs`` record of ``run_id`` (outcome and counts), or None."""
     cur = db.execute(
-        "SELECT status, attempts, pages, rows, bytes, http_status, error_code, error, note"
+        "SELECT status, attempts, pages, rows, bytes, http_status, error_code, error, note, replay"
         " FROM collection_runs WHERE run_id = %s",
         (run_id,),
     )
@@ -35,16 +36,22 @@ def run_row(db: psycopg.Connection[Any], run_id: str) -> dict[str, Any] | None:
     return dict(zip(names, row, strict=True))
 
 
+def finished(db: psycopg.Connection[Any], run_id: str) -> dict[str, Any] | None:
+    """The run's record once it has a final status, else None (for ``wait_for``)."""
+    row = run_row(db, run_id)
+    return row if row and row["status"] in FINAL else None
+
+
+async def trigger(request_reply: Requester, name: str) -> str:
+    """Trigger a run of source ``name``; returns its run id."""
+    reply = await request_reply("trigger", {"source": name})
+    return str(msgspec.json.decode(reply.data)["run_id"])
+
+
 async def run(request_reply: Requester, db: psycopg.Connection[Any], name: str) -> dict[str, Any]:
     """Trigger ``name`` and wait for the run's final record (run_id included)."""
-    reply = await request_reply("trigger", {"source": name})
-    run_id = str(msgspec.json.decode(reply.data)["run_id"])
-
-    def done() -> dict[str, Any] | None:
-        row = run_row(db, run_id)
-        return row if row and row["status"] in FINAL else None
-
-    row = await wait_for(done, what=f"run {run_id} to finish")
+    run_id = await trigger(request_reply, name)
+    row = await wait_for(lambda: finished(db, run_id), what=f"run {run_id} to finish")
     return {"run_id": run_id, **row}
 
 

@@ -10,12 +10,12 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import anyio
-import msgspec
 import psycopg
 import pytest
 
 from daemon.app import open_daemon
-from tests.fix_daemon import MakeSettings, Requester, wait_for
+from tests._collect import run
+from tests.fix_daemon import MakeSettings, Requester
 from tests.fix_http import LocalAPI, Route, Seen
 
 pytestmark = pytest.mark.anyio
@@ -50,29 +50,6 @@ def guarded() -> Iterator[GuardedAPI]:
 
 def unauthorized() -> Route:
     return Route(status=401, body=b'{"error": "unauthorized"}')
-
-
-def run_row(db: psycopg.Connection[Any], run_id: str) -> dict[str, Any] | None:
-    cur = db.execute(
-        "SELECT status, attempts, http_status, error_code, error FROM collection_runs"
-        " WHERE run_id = %s",
-        (run_id,),
-    )
-    row = cur.fetchone()
-    if row is None:
-        return None
-    return dict(zip([c.name for c in cur.description or []], row, strict=True))
-
-
-def finished(db: psycopg.Connection[Any], run_id: str) -> dict[str, Any] | None:
-    row = run_row(db, run_id)
-    return row if row and row["status"] in ("stored", "failed") else None
-
-
-async def run_once(request_reply: Requester, db: psycopg.Connection[Any], name: str) -> Any:
-    reply = await request_reply("trigger", {"source": name})
-    run_id = msgspec.json.decode(reply.data)["run_id"]
-    return await wait_for(lambda: finished(db, run_id), what=f"run {run_id}")
 
 
 def basic(user: str, password: str) -> str:
@@ -118,7 +95,7 @@ async def test_each_kind_of_credentials_is_sent_and_kept_out_of_the_records(
         "auth": auth,
     }
     async with open_daemon(make_settings([source])):
-        row = await run_once(request_reply, db_conn, "guarded")
+        row = await run(request_reply, db_conn, "guarded")
     assert row["status"] == "stored", row
     (hit,) = guarded.hits("/data")
     assert accepts(hit)
@@ -139,7 +116,7 @@ async def test_missing_credentials_fail_the_run_with_401(
     guarded.guards["/data"] = lambda seen: unauthorized()
     source = {"name": "guarded", "url": guarded.url("/data"), "schedule": "0 0 1 1 *"}
     async with open_daemon(make_settings([source])):
-        row = await run_once(request_reply, db_conn, "guarded")
+        row = await run(request_reply, db_conn, "guarded")
     assert (row["status"], row["http_status"], row["attempts"]) == ("failed", 401, 1)
 
 
@@ -209,9 +186,9 @@ async def test_oauth_token_is_cached_and_refreshed_before_it_expires(
 ) -> None:
     endpoint = TokenEndpoint(guarded, expires_in=1)
     async with open_daemon(make_settings([oauth_source(guarded)])):
-        first = await run_once(request_reply, db_conn, "oauth")
+        first = await run(request_reply, db_conn, "oauth")
         await anyio.sleep(1.1)  # the 1-second token is past its refresh time
-        second = await run_once(request_reply, db_conn, "oauth")
+        second = await run(request_reply, db_conn, "oauth")
     assert first["status"] == second["status"] == "stored"
     assert endpoint.issued == ["tok-1", "tok-2"]
     assert bearer_tokens(guarded) == ["Bearer tok-1", "Bearer tok-2"]
@@ -231,7 +208,7 @@ async def test_a_cached_token_serves_later_runs_until_its_refresh_time(
     endpoint = TokenEndpoint(guarded, expires_in=3600)
     async with open_daemon(make_settings([oauth_source(guarded, client_auth="body")])):
         for _ in range(3):
-            assert (await run_once(request_reply, db_conn, "oauth"))["status"] == "stored"
+            assert (await run(request_reply, db_conn, "oauth"))["status"] == "stored"
     # client_auth = "body": the credentials travel as form fields, not as Basic auth.
     assert endpoint.issued == ["tok-1"]
     assert endpoint.forms[0]["client_secret"] == ["s3cret"]
@@ -246,9 +223,9 @@ async def test_a_token_the_api_refuses_with_401_is_fetched_again_once(
 ) -> None:
     endpoint = TokenEndpoint(guarded, expires_in=3600)
     async with open_daemon(make_settings([oauth_source(guarded)])):
-        assert (await run_once(request_reply, db_conn, "oauth"))["status"] == "stored"
+        assert (await run(request_reply, db_conn, "oauth"))["status"] == "stored"
         endpoint.revoke()  # expired early on the server's side
-        row = await run_once(request_reply, db_conn, "oauth")
+        row = await run(request_reply, db_conn, "oauth")
     assert (row["status"], row["attempts"]) == ("stored", 1)
     assert endpoint.issued == ["tok-1", "tok-2"]
     assert bearer_tokens(guarded) == ["Bearer tok-1", "Bearer tok-1", "Bearer tok-2"]
@@ -263,7 +240,7 @@ async def test_a_token_endpoint_refusal_fails_the_run_without_leaking_the_secret
     TokenEndpoint(guarded, expires_in=3600)
     source = oauth_source(guarded, client_secret="wrong-s3cret")
     async with open_daemon(make_settings([source])):
-        row = await run_once(request_reply, db_conn, "oauth")
+        row = await run(request_reply, db_conn, "oauth")
     assert (row["status"], row["error_code"], row["http_status"]) == ("failed", "auth", 401)
     assert row["error"].startswith(f"OAuth token request to {guarded.url('/token')}: HTTP 401")
     assert "invalid_client" in row["error"]

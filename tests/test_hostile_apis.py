@@ -12,44 +12,15 @@ import brotli
 import msgspec
 import nats
 import nats.js.errors
-import psycopg
 import pytest
 
 from contracts import RawPayload, encode
 from daemon.app import open_daemon
+from tests._collect import FAST_RETRY, finished, run_row, source, trigger
 from tests.fix_daemon import MakeSettings, Requester, wait_for
 from tests.fix_http import LocalAPI
 
 pytestmark = pytest.mark.anyio
-
-FAST_RETRY = {"max_attempts": 3, "max_backoff_s": 0.2}
-
-
-def run_row(db: psycopg.Connection[Any], run_id: str) -> dict[str, Any] | None:
-    cur = db.execute(
-        "SELECT status, attempts, http_status, error_code, error, rows, replay"
-        " FROM collection_runs WHERE run_id = %s",
-        (run_id,),
-    )
-    row = cur.fetchone()
-    if row is None:
-        return None
-    names = [c.name for c in cur.description or []]
-    return dict(zip(names, row, strict=True))
-
-
-def finished(db: psycopg.Connection[Any], run_id: str) -> dict[str, Any] | None:
-    row = run_row(db, run_id)
-    return row if row and row["status"] in ("stored", "failed") else None
-
-
-async def trigger(request_reply: Requester, source: str) -> str:
-    reply = await request_reply("trigger", {"source": source})
-    return str(msgspec.json.decode(reply.data)["run_id"])
-
-
-def source(api: LocalAPI, name: str, path: str, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "url": api.url(path), "schedule": "0 0 1 1 *", **extra}
 
 
 async def test_transient_failures_are_retried_until_stored(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,11 +33,8 @@ Point = tuple[dict[str, Any], Any]
 
 
 @pytest.fixture(autouse=True)
-def _clean_metrics(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _clean_metrics(no_otel_env: None) -> Iterator[None]:
     """No OTEL_* configuration, no provider of ours, before and after each test."""
-    for name in list(os.environ):
-        if name.startswith("OTEL_"):
-            monkeypatch.delenv(name)
     _metrics._reset_for_tests()
     yield
     _metrics._reset_for_tests()

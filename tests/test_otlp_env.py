@@ -2,151 +2,35 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
-import grpc  # type: ignore[import-untyped]  # grpcio ships no stubs
 import psycopg
 import pytest
-from opentelemetry.proto.collector.metrics.v1 import (
-    metrics_service_pb2,
-    metrics_service_pb2_grpc,
-)
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from daemon import _metrics, _tracing
 from tests.fix_http import LocalAPI
+from tests.fix_otlp import Received
+from tests.test_cli import COLETA, clean_env, coleta
 
 ROOT = Path(__file__).parents[1]
-COLETA = [sys.executable, "-m", "daemon"]
 
 
 @pytest.fixture(autouse=True)
-def _clean_otel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.startswith("OTEL_"):
-            monkeypatch.delenv(name)
+def _clean_otel(no_otel_env: None) -> Iterator[None]:
     _metrics._reset_for_tests()
     yield
     _metrics._reset_for_tests()
     _tracing._reset_for_tests()
 
 
-@dataclass
-class Collector:
-    """What a local OTLP receiver got, decoded, with the path each request was sent to."""
-
-    traces: list[trace_service_pb2.ExportTraceServiceRequest] = field(default_factory=list)
-    metrics: list[metrics_service_pb2.ExportMetricsServiceRequest] = field(default_factory=list)
-    paths: list[str] = field(default_factory=list)
-
-    def spans(self) -> list[tuple[dict[str, str], Any]]:
-        """``(resource attributes, span)`` of every span received."""
-        return [
-            (_strings(resource_spans.resource.attributes), span)
-            for request in self.traces
-            for resource_spans in request.resource_spans
-            for scope_spans in resource_spans.scope_spans
-            for span in scope_spans.spans
-        ]
-
-    def points(self, name: str) -> list[tuple[dict[str, str], dict[str, Any], Any]]:
-        """``(resource attributes, point attributes, point)`` of metric ``name``, every export."""
-        found = []
-        for request in self.metrics:
-            for resource_metrics in request.resource_metrics:
-                resource = _strings(resource_metrics.resource.attributes)
-                for scope_metrics in resource_metrics.scope_metrics:
-                    for metric in scope_metrics.metrics:
-                        if metric.name != name:
-                            continue
-                        data = getattr(metric, metric.WhichOneof("data"))
-                        for point in data.data_points:
-                            found.append((resource, _values(point.attributes), point))
-        return found
-
-
-def _strings(attributes: Any) -> dict[str, str]:
-    return {kv.key: kv.value.string_value for kv in attributes}
-
-
-def _values(attributes: Any) -> dict[str, Any]:
-    return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in attributes}
-
-
-@pytest.fixture
-def http_collector() -> Iterator[tuple[str, Collector]]:
-    """An OTLP/HTTP receiver for traces and metrics on a throwaway port."""
-    got = Collector()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            if self.headers.get("Content-Encoding") == "gzip":
-                body = gzip.decompress(body)
-            if self.path.endswith("/v1/traces"):
-                traces = trace_service_pb2.ExportTraceServiceRequest()
-                traces.ParseFromString(body)
-                got.traces.append(traces)
-            else:
-                metrics = metrics_service_pb2.ExportMetricsServiceRequest()
-                metrics.ParseFromString(body)
-                got.metrics.append(metrics)
-            got.paths.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            """Keep test output clean."""
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, name="otlp-http-collector")
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", got
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-@pytest.fixture
-def grpc_collector() -> Iterator[tuple[str, Collector]]:
-    """An OTLP/gRPC metrics receiver on a throwaway port."""
-    got = Collector()
-
-    class Service(metrics_service_pb2_grpc.MetricsServiceServicer):
-        def Export(
-            self, request: metrics_service_pb2.ExportMetricsServiceRequest, context: Any
-        ) -> metrics_service_pb2.ExportMetricsServiceResponse:
-            got.metrics.append(request)
-            return metrics_service_pb2.ExportMetricsServiceResponse()
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Service(), server)  # type: ignore[no-untyped-call]
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}", got
-    finally:
-        server.stop(grace=None).wait(5)
-
-
-def runs_counted(got: Collector) -> dict[tuple[str, str], int]:
+def runs_counted(got: Received) -> dict[tuple[str, str], int]:
     """The last exported value of ``coleta.runs`` per (source, outcome)."""
     found: dict[tuple[str, str], int] = {}
     for _, attributes, point in got.points("coleta.runs"):
@@ -156,9 +40,9 @@ def runs_counted(got: Collector) -> dict[tuple[str, str], int]:
 
 # -- in process --------------------------------------------------------------------------------
 def test_metrics_reach_an_otlp_http_receiver_when_shut_down(
-    monkeypatch: pytest.MonkeyPatch, http_collector: tuple[str, Collector]
+    monkeypatch: pytest.MonkeyPatch, otlp_http_receiver: tuple[str, Received]
 ) -> None:
-    endpoint, got = http_collector
+    endpoint, got = otlp_http_receiver
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")  # only the final export
@@ -183,11 +67,11 @@ def test_metrics_reach_an_otlp_http_receiver_when_shut_down(
 
 def test_metrics_go_by_grpc_by_default_to_their_own_endpoint(
     monkeypatch: pytest.MonkeyPatch,
-    grpc_collector: tuple[str, Collector],
-    http_collector: tuple[str, Collector],
+    otlp_grpc_receiver: tuple[str, Received],
+    otlp_http_receiver: tuple[str, Received],
 ) -> None:
-    endpoint, got = grpc_collector
-    traces_endpoint, traces_got = http_collector
+    endpoint, got = otlp_grpc_receiver
+    traces_endpoint, traces_got = otlp_http_receiver
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", endpoint)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"{traces_endpoint}/v1/traces")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
@@ -230,27 +114,6 @@ def test_an_unresponsive_collector_cannot_hold_up_shutdown() -> None:
 
 
 # -- a real daemon -----------------------------------------------------------------------------
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("NATS_URL", "DATABASE_URL", "COLETA_CONFIG", "EXTERNAL_API_URL")
-        and not key.startswith("OTEL_")
-    }
-    return env | extra
-
-
-def coleta(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*COLETA, *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
-
-
 def stored_trace(database_url: str, schema: str) -> str | None:
     with psycopg.connect(database_url, options=f"-c search_path={schema}") as conn:
         row = conn.execute(
@@ -260,7 +123,7 @@ def stored_trace(database_url: str, schema: str) -> str | None:
 
 
 def test_a_daemon_exports_its_runs_trace_and_metrics_and_flushes_them_on_sigterm(
-    http_collector: tuple[str, Collector],
+    otlp_http_receiver: tuple[str, Received],
     api: LocalAPI,
     tmp_path: Path,
     nats_url: str,
@@ -268,7 +131,7 @@ def test_a_daemon_exports_its_runs_trace_and_metrics_and_flushes_them_on_sigterm
     bus_prefix: str,
     db_schema: str,
 ) -> None:
-    endpoint, got = http_collector
+    endpoint, got = otlp_http_receiver
     api.route("/otlp", json={"otlp": True})
     config = tmp_path / "coleta.toml"
     config.write_text(

@@ -8,12 +8,12 @@ from typing import Any
 
 import anyio
 import httpx
-import msgspec
 import psycopg
 import pytest
 
 from daemon._ratelimit import HostGates, reset_after
 from daemon.app import open_daemon
+from tests._collect import trigger
 from tests.fix_daemon import MakeSettings, Requester, wait_for
 from tests.fix_http import LocalAPI, Route, Seen
 
@@ -87,11 +87,6 @@ def timed() -> Iterator[TimedAPI]:
 def stored(db: psycopg.Connection[Any]) -> int:
     row = db.execute("SELECT count(*) FROM collection_runs WHERE status = 'stored'").fetchone()
     return int(row[0]) if row else 0
-
-
-async def trigger(request_reply: Requester, name: str) -> str:
-    reply = await request_reply("trigger", {"source": name})
-    return str(msgspec.json.decode(reply.data)["run_id"])
 
 
 async def test_sources_on_one_host_share_its_rate_limit(

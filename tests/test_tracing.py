@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import anyio
-import grpc  # type: ignore[import-untyped]  # grpcio ships no stubs
 import pytest
 from opentelemetry import propagate, trace
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -43,16 +35,14 @@ from daemon._tracing import (
     tracer,
     use_provider,
 )
+from tests.fix_otlp import Received
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
 @pytest.fixture(autouse=True)
-def _clean_tracing(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _clean_tracing(no_otel_env: None) -> Iterator[None]:
     """Each test starts with no OTEL_* configuration and no provider of ours."""
-    for name in list(os.environ):
-        if name.startswith("OTEL_"):
-            monkeypatch.delenv(name)
     _tracing._reset_for_tests()
     yield
     _tracing._reset_for_tests()
@@ -374,85 +364,6 @@ def test_shutdown_is_safe_twice_and_without_setup() -> None:
         assert trace_id_hex() is not None
 
 
-@dataclass
-class Received:
-    """What a local OTLP receiver got: decoded requests and raw request metadata."""
-
-    requests: list[trace_service_pb2.ExportTraceServiceRequest] = field(default_factory=list)
-    paths: list[str] = field(default_factory=list)
-    content_types: list[str] = field(default_factory=list)
-
-    def spans(self) -> dict[str, Any]:
-        return {
-            span.name: span
-            for request in self.requests
-            for resource_spans in request.resource_spans
-            for scope_spans in resource_spans.scope_spans
-            for span in scope_spans.spans
-        }
-
-    def resource(self) -> dict[str, str]:
-        (request,) = self.requests
-        (resource_spans,) = request.resource_spans
-        return {kv.key: kv.value.string_value for kv in resource_spans.resource.attributes}
-
-
-@pytest.fixture
-def http_receiver() -> Iterator[tuple[str, Received]]:
-    """An OTLP/HTTP collector on a throwaway port that keeps what it is sent."""
-    received = Received()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            if self.headers.get("Content-Encoding") == "gzip":
-                body = gzip.decompress(body)
-            request = trace_service_pb2.ExportTraceServiceRequest()
-            request.ParseFromString(body)
-            received.requests.append(request)
-            received.paths.append(self.path)
-            received.content_types.append(self.headers.get("Content-Type", ""))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            """Keep test output clean."""
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, name="otlp-http-receiver")
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", received
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-@pytest.fixture
-def grpc_receiver() -> Iterator[tuple[str, Received]]:
-    """An OTLP/gRPC collector on a throwaway port that keeps what it is sent."""
-    received = Received()
-
-    class Service(trace_service_pb2_grpc.TraceServiceServicer):
-        def Export(
-            self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
-        ) -> trace_service_pb2.ExportTraceServiceResponse:
-            received.requests.append(request)
-            return trace_service_pb2.ExportTraceServiceResponse()
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), server)  # type: ignore[no-untyped-call]
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}", received
-    finally:
-        server.stop(grace=None).wait(5)
-
-
 def _send_a_run() -> tuple[str, str]:
     """Publish and consume one message; returns the trace id and the consumer span id."""
     with producer_span("coleta.cmd.rates", source="rates", run_id="r1") as sent:
@@ -466,10 +377,10 @@ def _send_a_run() -> tuple[str, str]:
 
 def test_spans_reach_an_otlp_http_receiver(
     monkeypatch: pytest.MonkeyPatch,
-    http_receiver: tuple[str, Received],
+    otlp_http_receiver: tuple[str, Received],
     added_processors: list[SpanProcessor],
 ) -> None:
-    endpoint, received = http_receiver
+    endpoint, received = otlp_http_receiver
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "x")
@@ -482,7 +393,7 @@ def test_spans_reach_an_otlp_http_receiver(
     assert received.content_types == ["application/x-protobuf"]
     assert received.resource()["service.name"] == "x"
     assert received.resource()["service.version"] == "0.1.0"
-    spans = received.spans()
+    spans = received.spans_by_name()
     assert set(spans) == {"send coleta.cmd.rates", "process coleta.cmd.rates"}
     producer, consumer = spans["send coleta.cmd.rates"], spans["process coleta.cmd.rates"]
     assert producer.trace_id.hex() == consumer.trace_id.hex() == trace_id
@@ -491,16 +402,16 @@ def test_spans_reach_an_otlp_http_receiver(
 
 
 def test_spans_reach_an_otlp_grpc_receiver_by_default(
-    monkeypatch: pytest.MonkeyPatch, grpc_receiver: tuple[str, Received]
+    monkeypatch: pytest.MonkeyPatch, otlp_grpc_receiver: tuple[str, Received]
 ) -> None:
-    endpoint, received = grpc_receiver
+    endpoint, received = otlp_grpc_receiver
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint)
     setup_tracing(service_name="coleta-grpc")
     trace_id, _ = _send_a_run()
     shutdown_tracing()
 
     assert received.resource()["service.name"] == "coleta-grpc"
-    assert {span.trace_id.hex() for span in received.spans().values()} == {trace_id}
+    assert {span.trace_id.hex() for span in received.spans_by_name().values()} == {trace_id}
 
 
 def _run_python(code: str, env: dict[str, str]) -> float:
@@ -517,8 +428,10 @@ def _run_python(code: str, env: dict[str, str]) -> float:
     return time.monotonic() - started
 
 
-def test_spans_are_flushed_at_exit_without_shutdown(http_receiver: tuple[str, Received]) -> None:
-    endpoint, received = http_receiver
+def test_spans_are_flushed_at_exit_without_shutdown(
+    otlp_http_receiver: tuple[str, Received],
+) -> None:
+    endpoint, received = otlp_http_receiver
     code = (
         "from daemon import _tracing as t\n"
         "t.setup_tracing()\n"
@@ -526,7 +439,7 @@ def test_spans_are_flushed_at_exit_without_shutdown(http_receiver: tuple[str, Re
     )
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
     _run_python(code, env)
-    assert set(received.spans()) == {"send coleta.cmd.rates"}
+    assert set(received.spans_by_name()) == {"send coleta.cmd.rates"}
 
 
 @pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
