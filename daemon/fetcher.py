@@ -18,10 +18,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, TypedDict
+from typing import Any
 
 import anyio
 import httpx
@@ -37,16 +37,17 @@ from contracts import (
     FetchStarted,
     FetchUnchanged,
     RawPayload,
-    Trigger,
     decoder,
 )
-from daemon import _metrics, _records, _tracing
+from daemon import _metrics, _tracing
 from daemon._auth import Credentials
 from daemon._bus import Bus, PullSubscription
+from daemon._events import envelope, msg_id, page_payload
 from daemon._http import Fetched, backoff_s, build_request, send
 from daemon._leases import Lease, Leases
 from daemon._logging import get_logger
-from daemon._pagination import PageState, Pagination, PaginationError, first_page_params, next_page
+from daemon._pagination import PageState, PaginationError, first_page_params, next_page
+from daemon._progress import Progress, paging, param_value, progress_key
 from daemon._records import decode_json
 from daemon._template import Window
 from daemon.errors import FetchPermanent, FetchTransient, PermanentError, TransientError
@@ -274,10 +275,10 @@ class Fetcher:
         await self._publish(
             command,
             FetchStarted(
-                **_envelope(command, attempt),
+                **envelope(command, attempt),
                 started_at=datetime.now(UTC),
             ),
-            msg_id=_msg_id(command, f"started/{attempt}"),
+            msg_id=msg_id(command, f"started/{attempt}"),
         )
         try:
             await self._collect(source, command, attempt)
@@ -295,7 +296,7 @@ class Fetcher:
                 await msg.nak(delay=delay)
                 return
             await self._fail(msg, command, attempt, exc.code, str(exc), exc.status, exc.url)
-            await self._bus.kv_delete(self._bus.progress, _progress_key(command))
+            await self._bus.kv_delete(self._bus.progress, progress_key(command))
         except PermanentError as exc:
             await self._fail(
                 msg,
@@ -306,7 +307,7 @@ class Fetcher:
                 getattr(exc, "status", None),
                 getattr(exc, "url", None),
             )
-            await self._bus.kv_delete(self._bus.progress, _progress_key(command))
+            await self._bus.kv_delete(self._bus.progress, progress_key(command))
         await msg.ack()
 
     async def _collect(self, source: SourceConfig, command: CollectCommand, attempt: int) -> None:
@@ -323,15 +324,15 @@ class Fetcher:
             interval_start=command.interval_start or source.cron.prev_before(command.scheduled_for),
             tz=source.cron.tz,
         )
-        paging = _paging(source)
+        pagination = paging(source)
         known = await self._source_state(source)
-        first_params = first_page_params(paging) if paging is not None else {}
+        first_params = first_page_params(pagination) if pagination is not None else {}
         if source.incremental is not None:
-            since = _param_value(known.get("cursor"), source.incremental.initial)
+            since = param_value(known.get("cursor"), source.incremental.initial)
             if since is not None:
                 first_params[source.incremental.param] = since
         validators: dict[str, str] = {}
-        if paging is None and source.conditional:
+        if pagination is None and source.conditional:
             if known.get("etag"):
                 validators["If-None-Match"] = str(known["etag"])
             if known.get("last_modified"):
@@ -339,12 +340,12 @@ class Fetcher:
         first = build_request(
             self._http, source, window, extra_params=first_params, extra_headers=validators
         )
-        progress = _Progress()
-        key = _progress_key(command)
-        if paging is not None:
+        progress = Progress()
+        key = progress_key(command)
+        if pagination is not None:
             stored = await self._bus.kv_get(self._bus.progress, key)
             if stored is not None:
-                progress = _Progress.load(stored, first.url)
+                progress = Progress.load(stored, first.url)
                 log.info(
                     "fetch.resumed",
                     extra={"source": source.name, "run_id": command.run_id, "page": progress.page},
@@ -364,18 +365,18 @@ class Fetcher:
                     await self._unchanged(command, attempt, 304, "not modified (HTTP 304)")
                     return
                 raise
-            body_sha256 = hashlib.sha256(fetched.body).hexdigest() if paging is None else None
+            body_sha256 = hashlib.sha256(fetched.body).hexdigest() if pagination is None else None
             if source.skip_unchanged and body_sha256 and body_sha256 == known.get("body_sha256"):
                 await self._unchanged(
                     command, attempt, fetched.status_code, "same body as the last stored run"
                 )
                 return
             nxt: PageState | None = None
-            if paging is not None:
+            if pagination is not None:
                 body = decode_json(fetched.content_type, fetched.body)
                 headers = httpx.Headers(fetched.headers)
                 try:
-                    nxt = next_page(paging, state, request.url, headers, body)
+                    nxt = next_page(pagination, state, request.url, headers, body)
                 except PaginationError as exc:
                     raise FetchPermanent(
                         f"page {state.page}: {exc}",
@@ -385,7 +386,7 @@ class Fetcher:
                         code="pagination_loop",
                     ) from exc
             progress.add(source, fetched)
-            payload = _payload(
+            payload = page_payload(
                 command,
                 attempt,
                 fetched,
@@ -399,7 +400,7 @@ class Fetcher:
                 break
             progress.state = nxt
             await self._bus.kv_put(self._bus.progress, key, progress.dump())
-        if paging is not None:
+        if pagination is not None:
             await self._bus.kv_delete(self._bus.progress, key)
         log.info(
             "fetch.done",
@@ -435,12 +436,12 @@ class Fetcher:
             extra={"source": command.source, "run_id": command.run_id, "note": note},
         )
         event = FetchUnchanged(
-            **_envelope(command, attempt),
+            **envelope(command, attempt),
             finished_at=datetime.now(UTC),
             http_status=http_status,
             note=note,
         )
-        await self._publish(command, event, msg_id=_msg_id(command, "unchanged"))
+        await self._publish(command, event, msg_id=msg_id(command, "unchanged"))
 
     async def _fetch(
         self, source: SourceConfig, command: CollectCommand, request: httpx.Request, deadline: float
@@ -512,7 +513,7 @@ class Fetcher:
             },
         )
         event = FetchFailed(
-            **_envelope(command, attempt),
+            **envelope(command, attempt),
             failed_at=datetime.now(UTC),
             error_code=code,
             error=error,
@@ -526,14 +527,14 @@ class Fetcher:
             run_id=command.run_id,
             code=code,
             error=error,
-            msg_id=_msg_id(command, "dlq"),
+            msg_id=msg_id(command, "dlq"),
         )
         _metrics.record_dead_letter(command.source, code, stage="fetcher")
-        await self._publish(command, event, msg_id=_msg_id(command, "failed"))
+        await self._publish(command, event, msg_id=msg_id(command, "failed"))
 
     async def _publish_payload(self, command: CollectCommand, payload: RawPayload) -> None:
         """Publish a page; a body too large for one NATS message goes to the object store."""
-        msg_id = _msg_id(command, f"p{payload.page}")
+        message_id = msg_id(command, f"p{payload.page}")
         # JSON carries bytes as base64: 4 bytes on the wire for every 3 of the body.
         if len(payload.body) * 4 // 3 + _ENVELOPE_BYTES > self._bus.max_payload:
             name = f"{command.run_id}/{payload.page}"
@@ -541,7 +542,7 @@ class Fetcher:
             payload = msgspec.structs.replace(
                 payload, body=b"", body_ref=name, body_size=len(payload.body)
             )
-        await self._publish(command, payload, msg_id=msg_id)
+        await self._publish(command, payload, msg_id=message_id)
 
     async def _publish(
         self, command: CollectCommand, event: msgspec.Struct, *, msg_id: str
@@ -553,34 +554,6 @@ class Fetcher:
             source=command.source,
             run_id=command.run_id,
         )
-
-
-class _Envelope(TypedDict):
-    """The fields every run event repeats from its command (``_RunEventBase``)."""
-
-    run_id: str
-    source: str
-    trigger: Trigger
-    scheduled_for: datetime
-    attempt: int
-    replay: int
-
-
-def _envelope(command: CollectCommand, attempt: int) -> _Envelope:
-    """The run event fields of ``command``'s delivery ``attempt``: ``Event(**_envelope(…))``."""
-    return _Envelope(
-        run_id=command.run_id,
-        source=command.source,
-        trigger=command.trigger,
-        scheduled_for=command.scheduled_for,
-        attempt=attempt,
-        replay=command.replay,
-    )
-
-
-def _msg_id(command: CollectCommand, event: str) -> str:
-    """The ``Nats-Msg-Id`` of one event of the run: unique per run, replay and ``event``."""
-    return f"{command.run_id}/r{command.replay}/{event}"
 
 
 def _record_http(
@@ -603,151 +576,6 @@ def _record_http(
         error_type=error_type,
         body_bytes=body_bytes,
     )
-
-
-def _payload(
-    command: CollectCommand,
-    attempt: int,
-    fetched: Fetched,
-    *,
-    source: SourceConfig,
-    progress: _Progress,
-    last: bool,
-    body_sha256: str | None,
-) -> RawPayload:
-    """Page ``progress.page`` of the run, with the hints the writer needs to store it."""
-    one_request = source.pagination is None
-    headers = {k.lower(): v for k, v in fetched.headers.items()}
-    return RawPayload(
-        **_envelope(command, attempt),
-        page=progress.page,
-        last=last,
-        fetched_at=datetime.now(UTC),
-        url=fetched.url,
-        status_code=fetched.status_code,
-        headers=fetched.headers,
-        content_type=fetched.content_type,
-        body=fetched.body,
-        elapsed_ms=fetched.elapsed_ms,
-        run_bytes=progress.run_bytes,
-        granularity=source.granularity,
-        records_path=_records_path(source),
-        run_rows=progress.run_rows,
-        cursor=msgspec.json.encode(progress.cursor).decode()
-        if last and progress.cursor is not None
-        else None,
-        remember=one_request,
-        etag=headers.get("etag") if one_request else None,
-        last_modified=headers.get("last-modified") if one_request else None,
-        body_sha256=body_sha256,
-    )
-
-
-def _records_path(source: SourceConfig) -> str | None:
-    if source.records_path is not None:
-        return source.records_path
-    return source.pagination.records_path if source.pagination is not None else None
-
-
-def _paging(source: SourceConfig) -> Pagination | None:
-    """The source's pagination; its records are the source's ``records_path`` unless it
-    names its own."""
-    p = source.pagination
-    if p is not None and p.records_path is None and source.records_path is not None:
-        p = msgspec.structs.replace(p, records_path=source.records_path)
-    return p
-
-
-def _param_value(cursor: Any, initial: str | None) -> str | None:
-    """The incremental cursor as a query parameter value (strings as they are)."""
-    if cursor is None:
-        return initial
-    return cursor if isinstance(cursor, str) else msgspec.json.encode(cursor).decode()
-
-
-def _progress_key(command: CollectCommand) -> str:
-    """A KV key for the run (keys allow only ``[-/_=.a-zA-Z0-9]``; run ids have ``@``…)."""
-    return hashlib.sha256(f"{command.run_id}/r{command.replay}".encode()).hexdigest()
-
-
-@dataclass(slots=True)
-class _Progress:
-    """Where a run is, and what its published pages added up to (kept in the progress
-    bucket between attempts). URLs are kept redacted there: a redacted query value or a
-    dropped ``user:pass@`` is restored from the run's first request when loaded."""
-
-    state: PageState = field(default_factory=PageState)
-    run_bytes: int = 0
-    run_rows: int = 0
-    #: The incremental cursor so far: the largest tracked field among the run's records.
-    cursor: Any = None
-
-    @property
-    def page(self) -> int:
-        return self.state.page
-
-    def add(self, source: SourceConfig, fetched: Fetched) -> None:
-        """Count a fetched page (before it is published)."""
-        path = _records_path(source)
-        self.run_bytes += len(fetched.body)
-        self.run_rows += _records.row_count(
-            fetched.content_type, fetched.body, granularity=source.granularity, records_path=path
-        )
-        if source.incremental is not None:
-            found = _records.records(fetched.content_type, fetched.body, records_path=path)
-            self.cursor = _records.cursor_max(self.cursor, found, source.incremental.field)
-
-    def dump(self) -> bytes:
-        state = PageState(
-            page=self.state.page,
-            url=_tracing.redact_url(self.state.url) if self.state.url else None,
-            records_seen=self.state.records_seen,
-            seen=[_redact_seen(key) for key in self.state.seen],
-        )
-        return msgspec.json.encode(
-            {
-                "state": msgspec.Raw(state.to_json()),
-                "run_bytes": self.run_bytes,
-                "run_rows": self.run_rows,
-                "cursor": self.cursor,
-            }
-        )
-
-    @classmethod
-    def load(cls, data: bytes, first_url: httpx.URL) -> _Progress:
-        raw = msgspec.json.decode(data)
-        state = PageState.from_json(msgspec.json.encode(raw["state"]))
-        if state.url is not None:
-            state.url = _unredact(state.url, first_url)
-        state.seen = [
-            f"url:{_unredact(key[4:], first_url)}" if key.startswith("url:") else key
-            for key in state.seen
-        ]
-        return cls(
-            state=state,
-            run_bytes=int(raw.get("run_bytes", 0)),
-            run_rows=int(raw.get("run_rows", 0)),
-            cursor=raw.get("cursor"),
-        )
-
-
-def _redact_seen(key: str) -> str:
-    return f"url:{_tracing.redact_url(key[4:])}" if key.startswith("url:") else key
-
-
-def _unredact(url: str, first: httpx.URL) -> str:
-    """Put back what ``redact_url`` took out, from the run's first request."""
-    target = httpx.URL(url)
-    secret = {
-        name: first.params[name]
-        for name, value in target.params.multi_items()
-        if value == _tracing.REDACTED and name in first.params
-    }
-    if secret:
-        target = target.copy_merge_params(secret)
-    if first.userinfo and not target.userinfo and target.host == first.host:
-        target = target.copy_with(username=first.username, password=first.password)
-    return str(target)
 
 
 def _failure_fields(

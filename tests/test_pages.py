@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 from daemon._pagination import PageState
+from daemon._progress import Progress
 from daemon.app import open_daemon
-from daemon.fetcher import _Progress
 from tests._collect import FAST_RETRY, data_rows, kv_value, run, source
 from tests.fix_daemon import MakeSettings, Requester
 from tests.fix_http import LocalAPI
@@ -202,7 +202,7 @@ async def test_a_resumed_page_keeps_credentials_that_progress_never_stores(
 
 def test_progress_is_kept_redacted_and_restored_from_the_first_request() -> None:
     first = httpx.URL("http://u:pw@api.test/items?api_key=s3cret&page=1")
-    progress = _Progress(
+    progress = Progress(
         state=PageState(
             page=2,
             url="http://u:pw@api.test/items?api_key=s3cret&page=3",
@@ -215,7 +215,7 @@ def test_progress_is_kept_redacted_and_restored_from_the_first_request() -> None
     stored = progress.dump()
     assert b"s3cret" not in stored
     assert b"pw" not in stored
-    back = _Progress.load(stored, first)
+    back = Progress.load(stored, first)
     assert back.state.url == "http://u:pw@api.test/items?api_key=s3cret&page=3"
     assert back.state.seen == ["url:http://u:pw@api.test/items?api_key=s3cret&page=2", "cursor:c1"]
     assert (back.page, back.run_bytes, back.run_rows, back.cursor) == (2, 10, 4, "2026-01-01")

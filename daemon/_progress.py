@@ -1,0 +1,129 @@
+"""A paginated run's progress: where it is, and what its published pages added up to.
+
+Kept in the ``<prefix>_progress`` bucket after each published page, so a retry starts at the
+page that failed. URLs are stored redacted and restored from the run's first request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import msgspec
+
+from contracts import CollectCommand
+from daemon import _records, _tracing
+from daemon._http import Fetched
+from daemon._pagination import PageState, Pagination
+from daemon.settings import SourceConfig
+
+__all__ = ["Progress", "paging", "param_value", "progress_key", "records_path"]
+
+
+def records_path(source: SourceConfig) -> str | None:
+    if source.records_path is not None:
+        return source.records_path
+    return source.pagination.records_path if source.pagination is not None else None
+
+
+def paging(source: SourceConfig) -> Pagination | None:
+    """The source's pagination; its records are the source's ``records_path`` unless it
+    names its own."""
+    p = source.pagination
+    if p is not None and p.records_path is None and source.records_path is not None:
+        p = msgspec.structs.replace(p, records_path=source.records_path)
+    return p
+
+
+def param_value(cursor: Any, initial: str | None) -> str | None:
+    """The incremental cursor as a query parameter value (strings as they are)."""
+    if cursor is None:
+        return initial
+    return cursor if isinstance(cursor, str) else msgspec.json.encode(cursor).decode()
+
+
+def progress_key(command: CollectCommand) -> str:
+    """A KV key for the run (keys allow only ``[-/_=.a-zA-Z0-9]``; run ids have ``@``…)."""
+    return hashlib.sha256(f"{command.run_id}/r{command.replay}".encode()).hexdigest()
+
+
+@dataclass(slots=True)
+class Progress:
+    """Where a run is, and what its published pages added up to (kept in the progress
+    bucket between attempts). URLs are kept redacted there: a redacted query value or a
+    dropped ``user:pass@`` is restored from the run's first request when loaded."""
+
+    state: PageState = field(default_factory=PageState)
+    run_bytes: int = 0
+    run_rows: int = 0
+    #: The incremental cursor so far: the largest tracked field among the run's records.
+    cursor: Any = None
+
+    @property
+    def page(self) -> int:
+        return self.state.page
+
+    def add(self, source: SourceConfig, fetched: Fetched) -> None:
+        """Count a fetched page (before it is published)."""
+        path = records_path(source)
+        self.run_bytes += len(fetched.body)
+        self.run_rows += _records.row_count(
+            fetched.content_type, fetched.body, granularity=source.granularity, records_path=path
+        )
+        if source.incremental is not None:
+            found = _records.records(fetched.content_type, fetched.body, records_path=path)
+            self.cursor = _records.cursor_max(self.cursor, found, source.incremental.field)
+
+    def dump(self) -> bytes:
+        state = PageState(
+            page=self.state.page,
+            url=_tracing.redact_url(self.state.url) if self.state.url else None,
+            records_seen=self.state.records_seen,
+            seen=[_redact_seen(key) for key in self.state.seen],
+        )
+        return msgspec.json.encode(
+            {
+                "state": msgspec.Raw(state.to_json()),
+                "run_bytes": self.run_bytes,
+                "run_rows": self.run_rows,
+                "cursor": self.cursor,
+            }
+        )
+
+    @classmethod
+    def load(cls, data: bytes, first_url: httpx.URL) -> Progress:
+        raw = msgspec.json.decode(data)
+        state = PageState.from_json(msgspec.json.encode(raw["state"]))
+        if state.url is not None:
+            state.url = _unredact(state.url, first_url)
+        state.seen = [
+            f"url:{_unredact(key[4:], first_url)}" if key.startswith("url:") else key
+            for key in state.seen
+        ]
+        return cls(
+            state=state,
+            run_bytes=int(raw.get("run_bytes", 0)),
+            run_rows=int(raw.get("run_rows", 0)),
+            cursor=raw.get("cursor"),
+        )
+
+
+def _redact_seen(key: str) -> str:
+    return f"url:{_tracing.redact_url(key[4:])}" if key.startswith("url:") else key
+
+
+def _unredact(url: str, first: httpx.URL) -> str:
+    """Put back what ``redact_url`` took out, from the run's first request."""
+    target = httpx.URL(url)
+    secret = {
+        name: first.params[name]
+        for name, value in target.params.multi_items()
+        if value == _tracing.REDACTED and name in first.params
+    }
+    if secret:
+        target = target.copy_merge_params(secret)
+    if first.userinfo and not target.userinfo and target.host == first.host:
+        target = target.copy_with(username=first.username, password=first.password)
+    return str(target)
