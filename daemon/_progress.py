@@ -69,11 +69,18 @@ class Progress:
         """Count a fetched page (before it is published)."""
         path = records_path(source)
         self.run_bytes += len(fetched.body)
-        self.run_rows += _records.row_count(
+        split = _records.split_page(
             fetched.content_type, fetched.body, granularity=source.granularity, records_path=path
         )
+        self.run_rows += 1 if split is None else len(split.texts)
         if source.incremental is not None:
-            found = _records.records(fetched.content_type, fetched.body, records_path=path)
+            # The rows' split already holds the records, unless pages are stored whole.
+            if split is not None:
+                found = split.values
+            elif source.granularity == "record":
+                found = []
+            else:
+                found = _records.records(fetched.content_type, fetched.body, records_path=path)
             self.cursor = _records.cursor_max(self.cursor, found, source.incremental.field)
 
     def dump(self) -> bytes:
