@@ -64,11 +64,7 @@ class Schedule:
 
     def next_after(self, t: datetime) -> datetime:
         """The first slot strictly after ``t``, as an aware UTC datetime."""
-        it = self._iter(t)
-        while True:
-            local: datetime = it.get_next(datetime)
-            if not _is_repeat(local) and local > t:
-                return local.astimezone(UTC)
+        return _next_after(self, t)
 
     def prev_at_or_before(self, t: datetime) -> datetime:
         """The last slot at or before ``t`` (UTC): the start of the window ending after it."""
@@ -92,11 +88,7 @@ class Schedule:
 
     def prev_before(self, slot: datetime) -> datetime:
         """The slot before ``slot``: a run's ``interval_start``."""
-        it = self._iter(slot)
-        while True:
-            local: datetime = it.get_prev(datetime)
-            if not _is_repeat(local) and local < slot:
-                return local.astimezone(UTC)
+        return _prev_before(self, slot)
 
 
 def run_id_for(source: str, scheduled_for: datetime, *, suffix: str = "") -> str:
@@ -105,6 +97,27 @@ def run_id_for(source: str, scheduled_for: datetime, *, suffix: str = "") -> str
     frac = scheduled_for.microsecond
     base = f"{source}@{stamp}{f'.{frac:06d}' if frac else ''}Z"
     return f"{base}-{suffix}" if suffix else base
+
+
+# Sources sharing a schedule share its slots: 10,000 sources on ``* * * * *`` ask for the same
+# next and previous slot at every boundary. Each answer costs ~60 us of croniter; a cached one,
+# ~0.3 us. Keyed by (schedule, instant), so any number of schedules stays correct.
+@functools.lru_cache(maxsize=16384)
+def _next_after(schedule: Schedule, t: datetime) -> datetime:
+    it = schedule._iter(t)
+    while True:
+        local: datetime = it.get_next(datetime)
+        if not _is_repeat(local) and local > t:
+            return local.astimezone(UTC)
+
+
+@functools.lru_cache(maxsize=16384)
+def _prev_before(schedule: Schedule, slot: datetime) -> datetime:
+    it = schedule._iter(slot)
+    while True:
+        local: datetime = it.get_prev(datetime)
+        if not _is_repeat(local) and local < slot:
+            return local.astimezone(UTC)
 
 
 @functools.lru_cache(maxsize=65536)
