@@ -14,6 +14,7 @@ declare everything again (``recover``) instead of failing until an operator rest
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from daemon import _tracing
 from daemon._logging import get_logger
 from daemon.errors import TransientError
 
-__all__ = ["Bus", "BusOptions", "PullSubscription", "message_trace_id"]
+__all__ = ["Bus", "BusOptions", "Pending", "PullSubscription", "message_trace_id"]
 
 log = get_logger("bus")
 
@@ -57,6 +58,8 @@ _OBJECT_TIMEOUT_S = 60.0
 FETCH_WAIT_S = 2.0
 #: Declaring again after streams went missing happens at most this often (every stage asks).
 REDECLARE_EVERY_S = 1.0
+#: How long a publish may wait for room among the acks in flight, and then for its ack.
+_PUBLISH_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,23 @@ class BusOptions:
     replicas: int = 1
     #: ``file`` or ``memory``: where JetStream keeps the streams.
     storage: str = "file"
+
+
+@dataclass(slots=True)
+class Pending:
+    """A message sent with ``Bus.send`` whose ack has not been confirmed yet."""
+
+    subject: str
+    payload: bytes
+    headers: dict[str, str]
+    future: asyncio.Future[PubAck]
+
+    def forget(self) -> None:
+        """Stop waiting for the ack (the run is being abandoned; a retry publishes again)."""
+        if not self.future.done():
+            self.future.cancel()
+        elif not self.future.cancelled():
+            self.future.exception()  # retrieved: no "exception was never retrieved" warning
 
 
 def message_trace_id(headers: Mapping[str, str] | None) -> str | None:
@@ -318,6 +338,50 @@ class Bus:
                 raise
             except (TimeoutError, nats.errors.Error) as exc:
                 raise TransientError(f"publish to {subject} failed: {exc!r}") from exc
+
+    async def send(
+        self,
+        subject: str,
+        message: msgspec.Struct,
+        *,
+        msg_id: str,
+        source: str,
+        run_id: str,
+    ) -> Pending:
+        """Publish a contract without waiting for its ack: ``confirm`` the returned handle.
+
+        Many publishes in flight cost one round trip instead of one each (5-7x the rate of
+        awaiting every ack). Until it is confirmed a message may be lost, so a caller confirms
+        before it records anything that relies on it (a progress mark, the command's ack).
+        """
+        payload = encode(message)
+        with _tracing.producer_span(
+            subject, source=source, run_id=run_id, message_id=msg_id, body_size=len(payload)
+        ):
+            headers = _tracing.inject({"Nats-Msg-Id": msg_id})
+            try:
+                future = await self.js.publish_async(
+                    subject, payload, headers=headers, wait_stall=_PUBLISH_TIMEOUT_S
+                )
+            except nats.errors.MaxPayloadError:
+                raise
+            except (TimeoutError, nats.errors.Error) as exc:
+                raise TransientError(f"publish to {subject} failed: {exc!r}") from exc
+        return Pending(subject, payload, headers, future)
+
+    async def confirm(self, pending: Pending) -> PubAck:
+        """Wait for the ack of a ``send``; a publish that found no stream is sent once more."""
+        try:
+            try:
+                with anyio.fail_after(_PUBLISH_TIMEOUT_S):
+                    return await pending.future
+            except nats.js.errors.NoStreamResponseError:
+                await self.recover(f"no stream for {pending.subject}")
+                return await self.js.publish(
+                    pending.subject, pending.payload, headers=pending.headers
+                )
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise TransientError(f"publish to {pending.subject} failed: {exc!r}") from exc
 
     async def dead_letter(
         self,

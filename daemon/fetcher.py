@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,7 +42,7 @@ from contracts import (
 )
 from daemon import _metrics, _tracing
 from daemon._auth import Credentials
-from daemon._bus import Bus, PullSubscription
+from daemon._bus import Bus, Pending, PullSubscription
 from daemon._events import envelope, msg_id, page_payload
 from daemon._http import Fetched, backoff_s, build_request, send
 from daemon._leases import Lease, Leases
@@ -65,6 +66,11 @@ _OVERLAP_RETRY_S = 1.0
 _MAX_TRACKED_WAITS = 10_000
 #: How soon a run whose publish the bus refused is tried again.
 _BUS_RETRY_S = 2.0
+#: Pages of one run sent without waiting for their acks.
+_PAGES_IN_FLIGHT = 64
+#: A paginated run's progress is marked every this many pages, or this often.
+_MARK_EVERY_PAGES = 50
+_MARK_EVERY_S = 1.0
 
 
 @dataclass(slots=True)
@@ -350,6 +356,50 @@ class Fetcher:
                     "fetch.resumed",
                     extra={"source": source.name, "run_id": command.run_id, "page": progress.page},
                 )
+        pages = _PagesInFlight(self._bus, key, progress)
+        try:
+            fetched = await self._walk(
+                source, command, attempt, window, first, validators, known, pages
+            )
+        except FetchTransient:
+            # The API failed page N: pages before it are confirmed and marked, so the retry
+            # starts at page N (a crash, instead, restarts from the last mark).
+            with contextlib.suppress(TransientError):
+                await pages.mark()
+            raise
+        finally:
+            pages.forget()
+        if fetched is None:
+            return
+        if pagination is not None:
+            await self._bus.kv_delete(self._bus.progress, key)
+        log.info(
+            "fetch.done",
+            extra={
+                "source": command.source,
+                "run_id": command.run_id,
+                "http_status": fetched.status_code,
+                "pages": progress.page + 1,
+                "bytes": progress.run_bytes,
+                "elapsed_ms": round(fetched.elapsed_ms, 1),
+            },
+        )
+
+    async def _walk(
+        self,
+        source: SourceConfig,
+        command: CollectCommand,
+        attempt: int,
+        window: Window,
+        first: httpx.Request,
+        validators: dict[str, str],
+        known: dict[str, Any],
+        pages: _PagesInFlight,
+    ) -> Fetched | None:
+        """Fetch and send page after page; the last page's response, or None when the run
+        ended ``unchanged``. Every page sent is confirmed before this returns."""
+        pagination = paging(source)
+        progress = pages.progress
         deadline = anyio.current_time() + source.total_timeout_s
         while True:
             state = progress.state
@@ -363,14 +413,14 @@ class Fetcher:
             except FetchPermanent as exc:
                 if exc.status == 304 and validators:
                     await self._unchanged(command, attempt, 304, "not modified (HTTP 304)")
-                    return
+                    return None
                 raise
             body_sha256 = hashlib.sha256(fetched.body).hexdigest() if pagination is None else None
             if source.skip_unchanged and body_sha256 and body_sha256 == known.get("body_sha256"):
                 await self._unchanged(
                     command, attempt, fetched.status_code, "same body as the last stored run"
                 )
-                return
+                return None
             nxt: PageState | None = None
             if pagination is not None:
                 body = decode_json(fetched.content_type, fetched.body)
@@ -395,24 +445,13 @@ class Fetcher:
                 last=nxt is None,
                 body_sha256=body_sha256,
             )
-            await self._publish_payload(command, payload)
+            await pages.add(await self._send_payload(command, payload))
             if nxt is None:
-                break
+                await pages.confirm_all()
+                return fetched
             progress.state = nxt
-            await self._bus.kv_put(self._bus.progress, key, progress.dump())
-        if pagination is not None:
-            await self._bus.kv_delete(self._bus.progress, key)
-        log.info(
-            "fetch.done",
-            extra={
-                "source": command.source,
-                "run_id": command.run_id,
-                "http_status": fetched.status_code,
-                "pages": progress.page + 1,
-                "bytes": progress.run_bytes,
-                "elapsed_ms": round(fetched.elapsed_ms, 1),
-            },
-        )
+            if pages.mark_due():
+                await pages.mark()
 
     async def _source_state(self, source: SourceConfig) -> dict[str, Any]:
         """What the last stored run left for this one (validators, cursor), from the
@@ -532,8 +571,9 @@ class Fetcher:
         _metrics.record_dead_letter(command.source, code, stage="fetcher")
         await self._publish(command, event, msg_id=msg_id(command, "failed"))
 
-    async def _publish_payload(self, command: CollectCommand, payload: RawPayload) -> None:
-        """Publish a page; a body too large for one NATS message goes to the object store."""
+    async def _send_payload(self, command: CollectCommand, payload: RawPayload) -> Pending:
+        """Send a page (confirm it later); a body too large for one NATS message goes to the
+        object store first."""
         message_id = msg_id(command, f"p{payload.page}")
         # JSON carries bytes as base64: 4 bytes on the wire for every 3 of the body.
         if len(payload.body) * 4 // 3 + _ENVELOPE_BYTES > self._bus.max_payload:
@@ -542,7 +582,13 @@ class Fetcher:
             payload = msgspec.structs.replace(
                 payload, body=b"", body_ref=name, body_size=len(payload.body)
             )
-        await self._publish(command, payload, msg_id=message_id)
+        return await self._bus.send(
+            self._bus.subjects.raw(command.source),
+            payload,
+            msg_id=message_id,
+            source=command.source,
+            run_id=command.run_id,
+        )
 
     async def _publish(
         self, command: CollectCommand, event: msgspec.Struct, *, msg_id: str
@@ -554,6 +600,55 @@ class Fetcher:
             source=command.source,
             run_id=command.run_id,
         )
+
+
+class _PagesInFlight:
+    """A run's pages sent but not yet confirmed, and its progress marks.
+
+    Up to ``_PAGES_IN_FLIGHT`` pages travel unconfirmed, so fetching the next page overlaps
+    with JetStream storing the last ones. The run's progress is marked in the progress bucket
+    (after confirming every page before it) every ``_MARK_EVERY_PAGES`` pages or
+    ``_MARK_EVERY_S`` seconds: a crash repeats at most that much, and repeated pages are
+    de-duplicated (message id, then the writer's unique key).
+    """
+
+    def __init__(self, bus: Bus, key: str, progress: Progress) -> None:
+        self._bus = bus
+        self._key = key
+        self.progress = progress
+        self._pending: deque[Pending] = deque()
+        self._marked_page = progress.page
+        self._marked_at = anyio.current_time()
+
+    async def add(self, pending: Pending) -> None:
+        self._pending.append(pending)
+        if len(self._pending) > _PAGES_IN_FLIGHT:
+            await self._bus.confirm(self._pending.popleft())
+
+    async def confirm_all(self) -> None:
+        while self._pending:
+            await self._bus.confirm(self._pending[0])
+            self._pending.popleft()
+
+    def mark_due(self) -> bool:
+        return (
+            self.progress.page - self._marked_page >= _MARK_EVERY_PAGES
+            or anyio.current_time() - self._marked_at >= _MARK_EVERY_S
+        )
+
+    async def mark(self) -> None:
+        """Confirm the pages sent, then record where the run is."""
+        await self.confirm_all()
+        if self.progress.page == self._marked_page:
+            return
+        await self._bus.kv_put(self._bus.progress, self._key, self.progress.dump())
+        self._marked_page = self.progress.page
+        self._marked_at = anyio.current_time()
+
+    def forget(self) -> None:
+        """The run is over or abandoned: stop waiting for acks still outstanding."""
+        while self._pending:
+            self._pending.popleft().forget()
 
 
 def _record_http(
