@@ -268,6 +268,44 @@ def _run_row(**fields: Any) -> dict[str, Any]:
     return row
 
 
+def _run_rows(items: Sequence[_Item]) -> list[dict[str, Any]]:
+    """The run upserts of a batch: one per run for consecutive pages of the same attempt.
+
+    A batch of 256 pages of one paginated run updated its record 256 times (measured: 8-9 ms
+    beside 50-90 ms for the pages' rows, against 0.2 ms once); one merged row gives the same
+    record, because pages only move it forward (``UPSERT_RUN``). Any other event of
+    the run, or a page of another replay, ends the stretch: those are applied in their order.
+    """
+    rows: list[dict[str, Any]] = []
+    #: Per run: where its current stretch of pages is merged.
+    merging: dict[str, int] = {}
+    for item in items:
+        row = item.run_row
+        at = merging.get(row["run_id"])
+        if item.payload is None or at is None or rows[at]["replay"] != row["replay"]:
+            if item.payload is None:
+                merging.pop(row["run_id"], None)
+            else:
+                merging[row["run_id"]] = len(rows)
+            rows.append(row)
+            continue
+        rows[at] = _then(rows[at], row)
+    return rows
+
+
+def _then(before: dict[str, Any], page: dict[str, Any]) -> dict[str, Any]:
+    """One page row doing what ``before`` and then ``page`` do (same run, same replay)."""
+    merged = dict(before)
+    for counter in ("attempts", "pages", "rows", "bytes"):
+        merged[counter] = max(before[counter], page[counter])
+    for first_wins in ("trace_id", "finished_at"):
+        merged[first_wins] = before[first_wins] or page[first_wins]
+    if before["status"] != "stored":  # stored is terminal: what came with it stays
+        merged["status"] = page["status"]
+        merged["http_status"] = page["http_status"] or before["http_status"]
+    return merged
+
+
 def _item_for_command(msg: Msg) -> _Item:
     cmd = _decode_command(msg.data)
     run = _run_row(
@@ -474,8 +512,9 @@ class Writer:
                 if rows:
                     with _sql_span(conn, self._db.schema, "collected_data", len(rows)):
                         await cur.executemany(INSERT_DATA, rows)
-                with _sql_span(conn, self._db.schema, "collection_runs", len(items)):
-                    await cur.executemany(UPSERT_RUN, [item.run_row for item in items])
+                runs = _run_rows(items)
+                with _sql_span(conn, self._db.schema, "collection_runs", len(runs)):
+                    await cur.executemany(UPSERT_RUN, runs)
                 if states:
                     with _sql_span(conn, self._db.schema, "source_state", len(states)):
                         await cur.executemany(UPSERT_SOURCE_STATE, states)
