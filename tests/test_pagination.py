@@ -16,6 +16,7 @@ from daemon._pagination import (
     json_path,
     next_page,
     records_of,
+    set_param,
 )
 
 URL = httpx.URL("https://api.example/items?q=x")
@@ -139,3 +140,21 @@ def test_state_round_trips_for_resuming_after_a_failure() -> None:
 def test_bad_pagination_config_names_the_key(config: dict[str, Any], message: str) -> None:
     with pytest.raises(msgspec.ValidationError, match=message):
         p(**config)
+
+
+@pytest.mark.parametrize(
+    ("url", "name", "value", "expected"),
+    [
+        ("http://h/p?a=1&page=2&d=%20&e=x%2Fy", "page", "3", "http://h/p?a=1&page=3&d=%20&e=x%2Fy"),
+        ("http://h/p?a=1", "cursor", "ab+/=:c d", "http://h/p?a=1&cursor=ab%2B%2F%3D%3Ac+d"),
+        ("http://h/p", "page", "3", "http://h/p?page=3"),
+        ("http://h/p?page=1&x=y&page=2#top", "page", "9", "http://h/p?page=9&x=y#top"),
+        ("http://h/p?page%5Bn%5D=1", "page[n]", "2", "http://h/p?page%5Bn%5D=2"),
+    ],
+)
+def test_the_next_page_url_changes_one_parameter_and_keeps_the_rest_byte_for_byte(
+    url: str, name: str, value: str, expected: str
+) -> None:
+    assert set_param(httpx.URL(url), name, value) == expected
+    # What the API reads is what httpx would have sent.
+    assert httpx.URL(expected).params == httpx.URL(url).copy_set_param(name, value).params
