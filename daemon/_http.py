@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import http.cookiejar
 import random
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import anyio
 import httpx
@@ -70,11 +72,24 @@ async def open_client(
         transport=AiohttpTransport(limits=limits),
         mounts=environment_proxy_mounts(limits),
         follow_redirects=True,
+        cookies=_NoCookies(),
         headers={"User-Agent": USER_AGENT},
         timeout=httpx.Timeout(30.0),
         event_hooks={"request": [pace], "response": [listen]},
     ) as client:
         yield client
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    """Keep no cookies: a request carries only what its source configures, and one source's
+    session cookie never reaches another source on the same host. (httpx's jar also cost
+    0.1 ms a response in the throughput profile, 4 % of the daemon's CPU.)"""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+    def add_cookie_header(self, request: Any) -> None:
+        return None
 
 
 def is_retryable_status(status: int) -> bool:
