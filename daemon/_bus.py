@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -421,15 +422,17 @@ class Bus:
         except (nats.errors.Error, TimeoutError) as exc:
             raise TransientError(f"storing a {len(body)}-byte body failed: {exc!r}") from exc
 
-    async def get_body(self, name: str) -> bytes:
+    async def get_body(self, name: str, into: io.BufferedIOBase) -> int:
+        """Write a body from the object store into a file as its chunks arrive (nats-py
+        otherwise gathers them, then copies the whole); its size in bytes."""
         assert self.bodies is not None, "declare() creates the bodies bucket"
         try:
             # nats-py reads the chunks through an ordered consumer with no deadline of its own.
             with anyio.fail_after(_OBJECT_TIMEOUT_S):
-                result = await self.bodies.get(name)
+                result = await self.bodies.get(name, writeinto=into)
         except (nats.errors.Error, TimeoutError) as exc:
             raise TransientError(f"reading body {name} failed: {exc!r}") from exc
-        return bytes(result.data or b"")
+        return int(result.info.size or 0)
 
     async def delete_body(self, name: str) -> None:
         assert self.bodies is not None, "declare() creates the bodies bucket"

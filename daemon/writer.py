@@ -8,7 +8,9 @@ commit. A replayed message therefore inserts nothing twice, and a crash before t
 replays.
 
 A page is one row, or one row per record (``granularity = "record"``, or a JSON-lines body):
-see ``daemon._records``. A page that cannot be split is stored whole, with a warning.
+see ``daemon._records``. A page that cannot be split is stored whole, with a warning. A body too
+large for a NATS message is read from the object store into a temporary file, checked, and
+streamed into PostgreSQL with COPY (``_copy_large``): it is never in memory more than once.
 
 Source state (how the next run asks): the last page of a run carries its validators (``ETag``,
 ``Last-Modified``, body sha256, for one-request runs) and its incremental cursor; they go to the
@@ -25,13 +27,17 @@ sink the others; the bad one's run is marked ``failed`` with the reason.
 
 from __future__ import annotations
 
+import codecs
+import io
 import re
+import struct
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import msgspec
@@ -78,6 +84,35 @@ INSERT INTO collected_data
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)
 ON CONFLICT (run_id, page, record) DO NOTHING
 """
+
+#: A page stored whole from the object store (``_LargeRow``) is streamed into this table with
+#: COPY, then moved into ``collected_data`` under the rule of ``INSERT_DATA``. Dropped at commit.
+CREATE_LARGE_BODY = """
+CREATE TEMPORARY TABLE IF NOT EXISTS coleta_large_body (data jsonb, body bytea) ON COMMIT DROP
+"""
+COPY_LARGE_BODY = {
+    "data": "COPY coleta_large_body (data) FROM STDIN (FORMAT BINARY)",
+    "body": "COPY coleta_large_body (body) FROM STDIN (FORMAT BINARY)",
+}
+INSERT_LARGE_BODY = """
+WITH large AS (DELETE FROM coleta_large_body RETURNING data, body)
+INSERT INTO collected_data
+    (run_id, source, page, record, scheduled_for, collected_at, http_status, content_type,
+     data, body)
+SELECT %s::text, %s::text, %s::integer, %s::integer, %s::timestamptz, %s::timestamptz,
+       %s::integer, %s::text, data, body
+FROM large
+ON CONFLICT (run_id, page, record) DO NOTHING
+"""
+#: Binary COPY of one row of one field: the header, then the field's length (the trailer ends).
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+_COPY_TRAILER = struct.pack("!h", -1)
+#: jsonb's binary input: a version byte, then the JSON text.
+_JSONB_VERSION = b"\x01"
+#: A large body is read and sent to PostgreSQL this much at a time.
+_COPY_CHUNK = 1024 * 1024
+#: PostgreSQL holds no field larger than 1 GB.
+_MAX_FIELD_BYTES = (1 << 30) - 1 - len(_JSONB_VERSION)
 
 #: Validators are replaced by a one-request run's (``remember``); the cursor only grows.
 UPSERT_SOURCE_STATE = """
@@ -167,12 +202,7 @@ def split_body(content_type: str | None, body: bytes) -> tuple[str | None, bytes
     nothing more specific. JSON that jsonb cannot hold (``\\u0000``, a lone surrogate, invalid
     UTF-8) goes to ``body`` too: stored as received, never dropped or altered.
     """
-    if not body:
-        return None, body
-    ctype = (content_type or "").lower()
-    if "json" not in ctype and not (
-        (not ctype or ctype.startswith("text/plain")) and _JSON_START.match(body)
-    ):
+    if not _looks_like_json(content_type, body):
         return None, body
     try:
         # Checked, not built: decoding to ``Raw`` validates the syntax (a lone surrogate escape
@@ -187,7 +217,54 @@ def split_body(content_type: str | None, body: bytes) -> tuple[str | None, bytes
     return text, None
 
 
+def _looks_like_json(content_type: str | None, body: bytes) -> bool:
+    if not body:
+        return False
+    ctype = (content_type or "").lower()
+    return "json" in ctype or (
+        (not ctype or ctype.startswith("text/plain")) and _JSON_START.match(body) is not None
+    )
+
+
+def _jsonb_can_hold(content_type: str | None, body: bytes) -> bool:
+    """``split_body``'s verdict (``data``, not ``body``) without making a str of the body:
+    the check of a large body costs no second copy of it."""
+    if not _looks_like_json(content_type, body) or b"\\u0000" in body:
+        return False
+    try:
+        _check_json(body)
+    except msgspec.DecodeError:
+        return False
+    return _is_utf8(body)
+
+
+def _is_utf8(body: bytes) -> bool:
+    """Whether ``body`` is valid UTF-8, decoded a slice at a time (no whole str of it)."""
+    if body.isascii():
+        return True
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(body)
+    try:
+        for start in range(0, len(view), _COPY_CHUNK):
+            decoder.decode(view[start : start + _COPY_CHUNK])
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 _check_json = msgspec.json.Decoder(msgspec.Raw).decode
+
+
+@dataclass(slots=True)
+class _LargeRow:
+    """A page stored whole whose body came through the object store: its other columns, the
+    column its body goes to, and the temporary file holding it (streamed by ``_copy_large``)."""
+
+    values: tuple[Any, ...]
+    column: Literal["data", "body"]
+    file: io.BufferedIOBase
+    size: int
 
 
 @dataclass(slots=True)
@@ -204,6 +281,14 @@ class _Item:
     payload: RawPayload | None = None
     #: The source's state after this run (its last page only).
     state_row: dict[str, Any] | None = None
+    #: The page stored whole from ``body_ref``'s temporary file (``body_file``).
+    large_rows: list[_LargeRow] = field(default_factory=list)
+    body_file: io.BufferedIOBase | None = None
+
+    def close(self) -> None:
+        """Remove the body's temporary file, if any (idempotent)."""
+        if self.body_file is not None:
+            self.body_file.close()
 
 
 def _data_rows(event: RawPayload, body: bytes) -> list[tuple[Any, ...]]:
@@ -231,6 +316,62 @@ def _data_rows(event: RawPayload, body: bytes) -> list[tuple[Any, ...]]:
         (*common, i, *tail, *split_body("application/json", text))
         for i, text in enumerate(split.texts)
     ]
+
+
+def _rows_of_file(
+    event: RawPayload, file: io.BufferedIOBase
+) -> tuple[list[tuple[Any, ...]], list[_LargeRow]]:
+    """The rows of a page whose body came through the object store, into ``file``.
+
+    Split into records, its rows are built like any page's. Stored whole (the common case for
+    a large body), it is read once to check whether jsonb can hold it, and stays in the file:
+    ``_copy_large`` streams it to PostgreSQL, so it is never in memory twice.
+    """
+    file.seek(0)
+    body = file.read()
+    if event.granularity == "record" or _records.is_json_lines_type(event.content_type):
+        return _data_rows(event, body), []
+    values = (
+        event.run_id,
+        event.source,
+        event.page,
+        0,
+        event.scheduled_for,
+        event.fetched_at,
+        event.status_code,
+        event.content_type,
+    )
+    column: Literal["data", "body"] = (
+        "data" if _jsonb_can_hold(event.content_type, body) else "body"
+    )
+    return [], [_LargeRow(values, column, file, len(body))]
+
+
+def _body_file() -> io.BufferedIOBase:
+    """An anonymous temporary file (in ``$TMPDIR`` or ``/tmp``) for a body read back."""
+    return tempfile.TemporaryFile(prefix="coleta-body-")
+
+
+async def _copy_large(cur: psycopg.AsyncCursor[Any], rows: Sequence[_LargeRow]) -> None:
+    """Insert pages stored whole from their files, as ``INSERT_DATA`` would.
+
+    Each body goes into a temporary table with a binary COPY (no escaping; the file read a
+    MiB at a time, so libpq holds a chunk, not the body), then moves into ``collected_data``
+    with ``ON CONFLICT DO NOTHING``. jsonb's binary input is a version byte and the JSON text.
+    """
+    await cur.execute(CREATE_LARGE_BODY)
+    for row in rows:
+        jsonb = row.column == "data"
+        if row.size > _MAX_FIELD_BYTES:
+            raise psycopg.DataError(f"a {row.size}-byte body is larger than PostgreSQL stores")
+        header = _COPY_HEADER + struct.pack("!hi", 1, row.size + (1 if jsonb else 0))
+        row.file.seek(0)
+        async with cur.copy(COPY_LARGE_BODY[row.column]) as copy:
+            await copy.write(header + _JSONB_VERSION if jsonb else header)
+            while chunk := await anyio.to_thread.run_sync(row.file.read, _COPY_CHUNK):
+                await copy.write(chunk)
+            await copy.write(_COPY_TRAILER)
+        await cur.execute(INSERT_LARGE_BODY, row.values)
 
 
 def _state_row(event: RawPayload) -> dict[str, Any] | None:
@@ -442,6 +583,13 @@ class Writer:
         if not items:
             return
         try:
+            await self._write_items(items, consumer)
+        finally:
+            for item in items:
+                item.close()
+
+    async def _write_items(self, items: Sequence[_Item], consumer: str) -> None:
+        try:
             await self._resolve_bodies(items)
         except TransientError as exc:
             log.warning("write.body_unavailable", extra={"error": str(exc)})
@@ -488,12 +636,16 @@ class Writer:
         )
 
     async def _resolve_bodies(self, items: Sequence[_Item]) -> None:
-        """Read bodies that travelled through the object store into their rows."""
+        """Read bodies that travelled through the object store, each into a temporary file as
+        its chunks arrive, and build their rows (``_rows_of_file``)."""
         for item in items:
             if item.body_ref is None or item.payload is None:
                 continue
-            body = await self._bus.get_body(item.body_ref)
-            item.data_rows = _data_rows(item.payload, body)
+            item.body_file = await anyio.to_thread.run_sync(_body_file)
+            await self._bus.get_body(item.body_ref, item.body_file)
+            item.data_rows, item.large_rows = await anyio.to_thread.run_sync(
+                _rows_of_file, item.payload, item.body_file
+            )
 
     async def _forget_bodies(self, items: Sequence[_Item]) -> None:
         for item in items:
@@ -502,6 +654,7 @@ class Writer:
 
     async def _store(self, items: Sequence[_Item]) -> None:
         rows = [row for item in items for row in item.data_rows]
+        large = [row for item in items for row in item.large_rows]
         states = [item.state_row for item in items if item.state_row is not None]
         try:
             async with (
@@ -512,6 +665,9 @@ class Writer:
                 if rows:
                     with _sql_span(conn, self._db.schema, "collected_data", len(rows)):
                         await cur.executemany(INSERT_DATA, rows)
+                if large:
+                    with _sql_span(conn, self._db.schema, "collected_data", len(large)):
+                        await _copy_large(cur, large)
                 runs = _run_rows(items)
                 with _sql_span(conn, self._db.schema, "collection_runs", len(runs)):
                     await cur.executemany(UPSERT_RUN, runs)
@@ -520,7 +676,7 @@ class Writer:
                         await cur.executemany(UPSERT_SOURCE_STATE, states)
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(str(exc).strip() or type(exc).__name__) from exc
-        self.rows_written += len(rows)
+        self.rows_written += len(rows) + len(large)
         _record_committed(items)
         if states:
             await self.publish_source_states(sorted({state["source"] for state in states}))
@@ -650,8 +806,8 @@ def _record_committed(items: Sequence[_Item]) -> None:
     rows: dict[str, int] = {}
     for item in items:
         run = item.run_row
-        if item.data_rows:
-            rows[run["source"]] = rows.get(run["source"], 0) + len(item.data_rows)
+        if count := len(item.data_rows) + len(item.large_rows):
+            rows[run["source"]] = rows.get(run["source"], 0) + count
         if run["status"] in ("stored", "unchanged", "failed", "missed"):
             _metrics.record_run(
                 run["source"],
