@@ -413,14 +413,17 @@ class Bus:
             run_id=run_id or "",
         )
 
-    async def put_body(self, name: str, body: bytes) -> None:
-        """Store a large body in the object store (chunked by JetStream)."""
+    async def put_body(self, name: str, body: bytes | io.BufferedIOBase) -> None:
+        """Store a large body in the object store (chunked by JetStream): bytes, or a file read
+        from its start a chunk at a time, so the body is never whole in memory."""
         assert self.bodies is not None, "declare() creates the bodies bucket"
+        if not isinstance(body, bytes):
+            body.seek(0)
         try:
             with anyio.fail_after(_OBJECT_TIMEOUT_S):
                 await self.bodies.put(name, body)
         except (nats.errors.Error, TimeoutError) as exc:
-            raise TransientError(f"storing a {len(body)}-byte body failed: {exc!r}") from exc
+            raise TransientError(f"storing body {name} failed: {exc!r}") from exc
 
     async def get_body(self, name: str, into: io.BufferedIOBase) -> int:
         """Write a body from the object store into a file as its chunks arrive (nats-py

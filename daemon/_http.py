@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import hashlib
 import http.cookiejar
+import io
 import random
-from collections.abc import AsyncIterator, Mapping
+import tempfile
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +32,7 @@ from daemon.errors import FetchPermanent, FetchTransient
 from daemon.settings import SourceConfig
 
 __all__ = [
+    "SPOOL_OVER",
     "Fetched",
     "backoff_s",
     "build_request",
@@ -165,9 +169,21 @@ def build_request(
     )
 
 
+#: A body is written to its temporary file this much at a time (in a worker thread).
+_SPILL_BYTES = 1024 * 1024
+#: Bodies up to this size stay in memory by default (the NATS max payload; see ``send``).
+SPOOL_OVER = 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Fetched:
-    """A successful response, read whole (within the size limit)."""
+    """A successful response, read whole (within the size limit).
+
+    A body of at most ``send``'s ``spool_over`` bytes is ``body``. A larger one is in
+    ``spool``, an anonymous temporary file (``body`` is then empty), hashed as it arrived:
+    it is read whole only by those who need its content (``content()``), and ``close()``
+    removes it.
+    """
 
     status_code: int
     headers: dict[str, str]
@@ -175,6 +191,88 @@ class Fetched:
     body: bytes
     elapsed_ms: float
     url: str
+    spool: io.BufferedIOBase | None = None
+    spool_size: int = 0
+    spool_sha256: str = ""
+
+    @property
+    def size(self) -> int:
+        """The body's length in bytes, wherever it is."""
+        return self.spool_size if self.spool is not None else len(self.body)
+
+    def sha256(self) -> str:
+        """The body's SHA-256, in hex."""
+        if self.spool is not None:
+            return self.spool_sha256
+        return hashlib.sha256(self.body).hexdigest()
+
+    def content(self) -> bytes:
+        """The whole body in memory: ``body``, or the spooled body read (one copy)."""
+        if self.spool is None:
+            return self.body
+        self.spool.seek(0)
+        return self.spool.read()
+
+    def close(self) -> None:
+        """Remove the spooled body, if any (idempotent)."""
+        if self.spool is not None:
+            self.spool.close()
+
+
+class _Spool:
+    """A body as it arrives: chunks in memory up to ``limit`` bytes; past that, an anonymous
+    temporary file (in ``tempfile.gettempdir()``, i.e. ``$TMPDIR`` or ``/tmp``), written and
+    hashed in a worker thread a MiB at a time, so no more than that is held in memory."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._pending = 0
+        self.size = 0
+        self.file: io.BufferedIOBase | None = None
+        self._sha256 = hashlib.sha256()
+
+    async def write(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self.size += len(chunk)
+        self._pending += len(chunk)
+        if self.size > self._limit and (self.file is None or self._pending >= _SPILL_BYTES):
+            await self._spill()
+
+    async def _spill(self) -> None:
+        chunks, self._chunks, self._pending = self._chunks, [], 0
+        if self.file is None:
+            self.file = await anyio.to_thread.run_sync(_temporary_file)
+        await anyio.to_thread.run_sync(_write_chunks, self.file, self._sha256.update, chunks)
+
+    async def finish(self) -> tuple[bytes, str]:
+        """The body when it stayed in memory (else empty), and the SHA-256 of a spooled one."""
+        if self.file is None:
+            return b"".join(self._chunks), ""  # one chunk: that chunk itself, no copy
+        await self._spill()
+        return b"", self._sha256.hexdigest()
+
+    def __enter__(self) -> _Spool:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None:  # failed or cancelled: nobody will close the file
+            self._chunks = []
+            if self.file is not None:
+                self.file.close()
+
+
+def _temporary_file() -> io.BufferedIOBase:
+    return tempfile.TemporaryFile(prefix="coleta-body-")
+
+
+def _write_chunks(
+    file: io.BufferedIOBase, digest: Callable[[bytes], None], chunks: list[bytes]
+) -> None:
+    for chunk in chunks:
+        digest(chunk)
+        file.write(chunk)
+    file.flush()
 
 
 async def send(
@@ -184,61 +282,69 @@ async def send(
     source: str,
     max_bytes: int,
     auth: httpx.Auth | None = None,
+    spool_over: int = SPOOL_OVER,
 ) -> Fetched:
     """Send, read at most ``max_bytes``, and map every failure into the coleta tree.
+
+    A body larger than ``spool_over`` bytes goes to a temporary file as it arrives
+    (``Fetched.spool``), so a 50 MB response is never in memory whole, let alone twice; the
+    caller closes it (``Fetched.close``).
 
     ``auth`` (``_auth.Credentials.for_source``) adds the source's credentials at send time, so
     the URL recorded here and in spans never carries a key sent as a query parameter.
     """
     safe_url = redact_url(str(request.url))
     started = anyio.current_time()
-    try:
-        response = await client.send(request, stream=True, auth=auth)
+    with _Spool(spool_over) as spool:  # its file is removed if anything below fails
         try:
-            status = response.status_code
-            if not 200 <= status <= 299:
-                await response.aread()
-                raise _status_error(response, source=source, url=safe_url)
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise FetchPermanent(
-                        f"response from {safe_url} is larger than {max_bytes} bytes",
-                        source=source,
-                        url=safe_url,
-                        status=status,
-                        code="response_too_large",
-                    )
-                chunks.append(chunk)
-        finally:
-            await response.aclose()
-    except httpx.TimeoutException as exc:
-        raise FetchTransient(
-            f"{type(exc).__name__} after {anyio.current_time() - started:.1f} s from {safe_url}",
-            source=source,
-            url=safe_url,
-            code="timeout",
-        ) from exc
-    except httpx.TransportError as exc:
-        raise FetchTransient(
-            f"{type(exc).__name__} for {safe_url}: {exc}",
-            source=source,
-            url=safe_url,
-            code="connect",
-        ) from exc
-    except httpx.InvalidURL as exc:
-        raise FetchPermanent(
-            f"invalid URL {safe_url}: {exc}", source=source, url=safe_url, code="bad_request"
-        ) from exc
+            response = await client.send(request, stream=True, auth=auth)
+            try:
+                status = response.status_code
+                if not 200 <= status <= 299:
+                    await response.aread()
+                    raise _status_error(response, source=source, url=safe_url)
+                async for chunk in response.aiter_bytes():
+                    if spool.size + len(chunk) > max_bytes:
+                        raise FetchPermanent(
+                            f"response from {safe_url} is larger than {max_bytes} bytes",
+                            source=source,
+                            url=safe_url,
+                            status=status,
+                            code="response_too_large",
+                        )
+                    await spool.write(chunk)
+                body, sha256 = await spool.finish()
+            finally:
+                await response.aclose()
+        except httpx.TimeoutException as exc:
+            raise FetchTransient(
+                f"{type(exc).__name__} after {anyio.current_time() - started:.1f} s"
+                f" from {safe_url}",
+                source=source,
+                url=safe_url,
+                code="timeout",
+            ) from exc
+        except httpx.TransportError as exc:
+            raise FetchTransient(
+                f"{type(exc).__name__} for {safe_url}: {exc}",
+                source=source,
+                url=safe_url,
+                code="connect",
+            ) from exc
+        except httpx.InvalidURL as exc:
+            raise FetchPermanent(
+                f"invalid URL {safe_url}: {exc}", source=source, url=safe_url, code="bad_request"
+            ) from exc
     return Fetched(
         status_code=response.status_code,
         headers=redact_headers(dict(response.headers)),
         content_type=response.headers.get("content-type"),
-        body=b"".join(chunks),
+        body=body,
         elapsed_ms=(anyio.current_time() - started) * 1000,
         url=safe_url,
+        spool=spool.file,
+        spool_size=spool.size,
+        spool_sha256=sha256,
     )
 
 

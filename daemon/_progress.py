@@ -68,9 +68,17 @@ class Progress:
     def add(self, source: SourceConfig, fetched: Fetched) -> None:
         """Count a fetched page (before it is published)."""
         path = records_path(source)
-        self.run_bytes += len(fetched.body)
+        self.run_bytes += fetched.size
+        if not (
+            source.granularity == "record"
+            or source.incremental is not None
+            or _records.is_json_lines_type(fetched.content_type)
+        ):
+            self.run_rows += 1  # one row, the page whole: no need to read a spooled body
+            return
+        body = fetched.content()
         split = _records.split_page(
-            fetched.content_type, fetched.body, granularity=source.granularity, records_path=path
+            fetched.content_type, body, granularity=source.granularity, records_path=path
         )
         self.run_rows += 1 if split is None else len(split.texts)
         if source.incremental is not None:
@@ -80,7 +88,7 @@ class Progress:
             elif source.granularity == "record":
                 found = []
             else:
-                found = _records.records(fetched.content_type, fetched.body, records_path=path)
+                found = _records.records(fetched.content_type, body, records_path=path)
             self.cursor = _records.cursor_max(self.cursor, found, source.incremental.field)
 
     def dump(self) -> bytes:

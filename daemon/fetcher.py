@@ -16,7 +16,6 @@ one-request run sends the validators the writer remembered (``<prefix>_sources``
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -415,37 +414,44 @@ class Fetcher:
                     await self._unchanged(command, attempt, 304, "not modified (HTTP 304)")
                     return None
                 raise
-            body_sha256 = hashlib.sha256(fetched.body).hexdigest() if pagination is None else None
-            if source.skip_unchanged and body_sha256 and body_sha256 == known.get("body_sha256"):
-                await self._unchanged(
-                    command, attempt, fetched.status_code, "same body as the last stored run"
+            with contextlib.closing(fetched):  # a spooled body's file goes once it is sent
+                body_sha256 = fetched.sha256() if pagination is None else None
+                if (
+                    source.skip_unchanged
+                    and body_sha256
+                    and body_sha256 == known.get("body_sha256")
+                ):
+                    await self._unchanged(
+                        command, attempt, fetched.status_code, "same body as the last stored run"
+                    )
+                    return None
+                nxt: PageState | None = None
+                if pagination is not None:
+                    # The next page's fields: a page spooled to disk is read (held once) here.
+                    body = decode_json(fetched.content_type, fetched.content())
+                    headers = httpx.Headers(fetched.headers)
+                    try:
+                        nxt = next_page(pagination, state, request.url, headers, body)
+                    except PaginationError as exc:
+                        raise FetchPermanent(
+                            f"page {state.page}: {exc}",
+                            source=source.name,
+                            url=fetched.url,
+                            status=fetched.status_code,
+                            code="pagination_loop",
+                        ) from exc
+                    del body
+                progress.add(source, fetched)
+                payload = page_payload(
+                    command,
+                    attempt,
+                    fetched,
+                    source=source,
+                    progress=progress,
+                    last=nxt is None,
+                    body_sha256=body_sha256,
                 )
-                return None
-            nxt: PageState | None = None
-            if pagination is not None:
-                body = decode_json(fetched.content_type, fetched.body)
-                headers = httpx.Headers(fetched.headers)
-                try:
-                    nxt = next_page(pagination, state, request.url, headers, body)
-                except PaginationError as exc:
-                    raise FetchPermanent(
-                        f"page {state.page}: {exc}",
-                        source=source.name,
-                        url=fetched.url,
-                        status=fetched.status_code,
-                        code="pagination_loop",
-                    ) from exc
-            progress.add(source, fetched)
-            payload = page_payload(
-                command,
-                attempt,
-                fetched,
-                source=source,
-                progress=progress,
-                last=nxt is None,
-                body_sha256=body_sha256,
-            )
-            await pages.add(await self._send_payload(command, payload))
+                await pages.add(await self._send_payload(command, payload, fetched))
             if nxt is None:
                 await pages.confirm_all()
                 return fetched
@@ -506,6 +512,7 @@ class Fetcher:
                         source=source.name,
                         max_bytes=source.max_response_bytes,
                         auth=self._credentials.for_source(source),
+                        spool_over=self._inline_bytes(),
                     )
             except TimeoutError as exc:
                 span.set_attribute("error.type", "timeout")
@@ -524,9 +531,9 @@ class Fetcher:
                 _record_http(source, request, started, status=status, error_type=exc.code)
                 raise
             span.set_attribute("http.response.status_code", fetched.status_code)
-            span.set_attribute("http.response.body.size", len(fetched.body))
+            span.set_attribute("http.response.body.size", fetched.size)
             _record_http(
-                source, request, started, status=fetched.status_code, body_bytes=len(fetched.body)
+                source, request, started, status=fetched.status_code, body_bytes=fetched.size
             )
             return fetched
 
@@ -571,16 +578,24 @@ class Fetcher:
         _metrics.record_dead_letter(command.source, code, stage="fetcher")
         await self._publish(command, event, msg_id=msg_id(command, "failed"))
 
-    async def _send_payload(self, command: CollectCommand, payload: RawPayload) -> Pending:
+    def _inline_bytes(self) -> int:
+        """The largest body that travels in its payload message: JSON carries bytes as base64,
+        4 bytes on the wire for every 3 of the body. Larger ones go to the object store, and
+        ``send`` spools them to disk as they arrive."""
+        return (self._bus.max_payload - _ENVELOPE_BYTES) * 3 // 4
+
+    async def _send_payload(
+        self, command: CollectCommand, payload: RawPayload, fetched: Fetched
+    ) -> Pending:
         """Send a page (confirm it later); a body too large for one NATS message goes to the
-        object store first."""
+        object store first, from its spool file when it has one (never whole in memory)."""
         message_id = msg_id(command, f"p{payload.page}")
-        # JSON carries bytes as base64: 4 bytes on the wire for every 3 of the body.
-        if len(payload.body) * 4 // 3 + _ENVELOPE_BYTES > self._bus.max_payload:
+        if fetched.spool is not None or fetched.size > self._inline_bytes():
             name = f"{command.run_id}/{payload.page}"
-            await self._bus.put_body(name, payload.body)
+            body = fetched.spool if fetched.spool is not None else fetched.body
+            await self._bus.put_body(name, body)
             payload = msgspec.structs.replace(
-                payload, body=b"", body_ref=name, body_size=len(payload.body)
+                payload, body=b"", body_ref=name, body_size=fetched.size
             )
         return await self._bus.send(
             self._bus.subjects.raw(command.source),

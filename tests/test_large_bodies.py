@@ -1,11 +1,14 @@
-"""Bodies larger than a NATS message: carried by the object store and streamed into
-PostgreSQL — stored whole and unaltered."""
+"""Bodies larger than a NATS message: spooled to disk, carried by the object store and streamed
+into PostgreSQL — stored whole and unaltered, and never in memory in several copies."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import nats.js.errors
@@ -15,11 +18,15 @@ from psycopg import sql
 
 from daemon import writer
 from daemon._db import apply_migrations
+from daemon._http import open_client, send
 from daemon.app import open_daemon
+from daemon.errors import FetchPermanent
 from daemon.writer import _copy_large, _jsonb_can_hold, _LargeRow, split_body
 from tests._collect import run, source
+from tests._proc import spawn
 from tests.fix_daemon import MakeSettings, Requester
 from tests.fix_http import LocalAPI
+from tests.test_cli import clean_env, coleta, wait_healthy, write_config
 from tests.test_split_body import test_anything_else_goes_to_body_byte_for_byte as _to_body
 from tests.test_split_body import test_json_goes_to_data_unchanged as _to_data
 
@@ -125,3 +132,116 @@ async def test_a_large_row_is_inserted_once(database_url: str, db_schema: str) -
     assert text is not None
     assert text.startswith('[{"id": 0, "pad": "xxx')  # jsonb's own text: keys by length
     assert '"name": "récord 0 — ä 😀", "path": "C:\\\\dir\\\\file"}, {"id": 1,' in text
+
+
+def _peak_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status")
+def test_a_large_body_is_not_held_in_several_copies(
+    api: LocalAPI,
+    tmp_path: Path,
+    nats_url: str,
+    database_url: str,
+    bus_prefix: str,
+    db_schema: str,
+) -> None:
+    body = big_json(30 * MB)
+    api.route("/big", body=body, content_type="application/json")
+    config = write_config(
+        tmp_path / "coleta.toml",
+        f'bus_prefix = "{bus_prefix}"\ndatabase_schema = "{db_schema}"\n'
+        f'[[sources]]\nname = "big"\nurl = "{api.url("/big")}"\nschedule = "0 0 1 1 *"\n'
+        "timeout_s = 60\n",
+    )
+    env = clean_env(NATS_URL=nats_url, DATABASE_URL=database_url, COLETA_CONFIG=str(config))
+    with spawn(env, tmp_path / "daemon.log") as daemon:
+        wait_healthy(env, daemon.proc, daemon.log)
+        idle = _peak_mib(daemon.proc.pid)
+        done = coleta("trigger", "big", "--wait", "--wait-timeout", "90", env=env, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        peak = _peak_mib(daemon.proc.pid)
+    # Once in memory (the writer checks it is JSON) and ~5 MiB of buffers: ~idle + 33 MiB.
+    # Gathered, joined, decoded and encoded, as before spooling, it was idle + 208 MiB.
+    bound = idle + 2.5 * len(body) / 2**20
+    assert peak < bound, f"peak RSS {peak:.0f} MiB, idle {idle:.0f} MiB, body 30 MB"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts /proc/self/fd")
+async def test_send_spools_a_body_over_its_limit_and_keeps_a_small_one_in_memory(
+    api: LocalAPI,
+) -> None:
+    body = big_json(3 * MB)
+    api.route("/big", body=body, content_type="application/json", times=2)
+    api.route("/small", body=body[:1000], content_type="application/json")
+    async with open_client() as client:
+        small = await send(
+            client, client.build_request("GET", api.url("/small")), source="t", max_bytes=10 * MB
+        )
+        assert (small.spool, small.body, small.size) == (None, body[:1000], 1000)
+        assert small.sha256() == hashlib.sha256(body[:1000]).hexdigest()
+
+        before = _open_fds()
+        big = await send(
+            client,
+            client.build_request("GET", api.url("/big")),
+            source="t",
+            max_bytes=10 * MB,
+            spool_over=MB,
+        )
+        assert big.spool is not None
+        assert (big.body, big.size) == (b"", len(body))
+        assert big.sha256() == hashlib.sha256(body).hexdigest()  # hashed as it arrived
+        assert big.content() == body
+        big.close()
+        assert _open_fds() == before
+
+        with pytest.raises(FetchPermanent) as too_large:
+            await send(
+                client,
+                client.build_request("GET", api.url("/big")),
+                source="t",
+                max_bytes=2 * MB,
+                spool_over=MB,
+            )
+        assert too_large.value.code == "response_too_large"
+        assert _open_fds() == before  # the partial spool is gone
+
+
+async def test_paginated_pages_over_a_nats_message_each_land_whole(
+    api: LocalAPI,
+    make_settings: MakeSettings,
+    request_reply: Requester,
+    db_conn: psycopg.Connection[Any],
+) -> None:
+    records = big_json(2 * MB).decode()
+    pages = [
+        f'{{"next": "c1", "data": {records}}}'.encode(),
+        f'{{"next": null, "data": {records}}}'.encode(),
+    ]
+    api.route("/pages", body=pages[0], content_type="application/json", times=1)
+    api.route("/pages", body=pages[1], content_type="application/json")
+    paged = source(
+        api, "paged", "/pages", pagination={"kind": "cursor", "cursor_path": "next"}, timeout_s=60
+    )
+    async with open_daemon(make_settings([paged])):
+        done = await run(request_reply, db_conn, "paged")
+    assert (done["status"], done["pages"], done["bytes"]) == ("stored", 2, sum(map(len, pages)))
+    assert [hit.query for hit in api.hits("/pages")] == [{}, {"cursor": ["c1"]}]
+    stored = db_conn.execute(
+        "SELECT page, data = %s::jsonb, body IS NULL FROM collected_data ORDER BY page",
+        (pages[0].decode(),),
+    ).fetchall()
+    assert stored == [(0, True, True), (1, False, True)]
+    second = db_conn.execute(
+        "SELECT data = %s::jsonb FROM collected_data WHERE page = 1", (pages[1].decode(),)
+    ).fetchone()
+    assert second == (True,)
