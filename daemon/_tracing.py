@@ -65,6 +65,7 @@ __all__ = [
     "batch_span",
     "consumer_span",
     "db_span",
+    "end_send",
     "extract",
     "inject",
     "producer_span",
@@ -76,6 +77,7 @@ __all__ = [
     "setup_tracing",
     "shutdown_tracing",
     "span_id_hex",
+    "start_send",
     "trace_id_hex",
     "tracer",
     "use_provider",
@@ -562,3 +564,69 @@ def redact_text(text: str) -> str:
     if "://" not in text:
         return text
     return _URL_IN_TEXT.sub(lambda match: redact_url(match.group()), text)
+
+
+# -- runs started ahead of their publish -------------------------------------------------
+def start_send(
+    root_name: str,
+    subject: str,
+    *,
+    start_ns: int,
+    source: str,
+    run_id: str,
+    root_attributes: Mapping[str, AttributeValue],
+) -> tuple[Span, Span, dict[str, str]]:
+    """A new trace's root span and its ``send <subject>`` producer span, both started at
+    ``start_ns``, and the headers (``Nats-Msg-Id`` = ``run_id``) carrying the producer's context.
+
+    For work prepared before it happens (the ticker builds a burst of runs ahead of their
+    slot and publishes it at the slot): neither span is current, nothing is exported until
+    ``end_send``, and a prepared run that is never published is simply dropped. The spans
+    have the names and attributes ``producer_span`` gives a publish inside a root span.
+    """
+    root = tracer().start_span(
+        root_name,
+        context=Context(),  # a new trace
+        kind=SpanKind.INTERNAL,
+        attributes=_attributes({COLETA_SOURCE: source, COLETA_RUN_ID: run_id, **root_attributes}),
+        start_time=start_ns,
+    )
+    attributes = _attributes(
+        {
+            SYSTEM: MESSAGING_SYSTEM,
+            OPERATION_TYPE: "send",
+            OPERATION_NAME: "send",
+            DESTINATION: subject,
+            MESSAGE_ID: run_id,
+            COLETA_SOURCE: source,
+            COLETA_RUN_ID: run_id,
+        }
+    )
+    producer = tracer().start_span(
+        f"send {subject}",
+        context=trace.set_span_in_context(root, Context()),
+        kind=SpanKind.PRODUCER,
+        attributes=attributes,
+        start_time=start_ns,
+    )
+    headers = {"Nats-Msg-Id": run_id}
+    propagate.inject(headers, context=trace.set_span_in_context(producer, Context()))
+    return root, producer, headers
+
+
+def end_send(
+    root: Span,
+    producer: Span,
+    *,
+    end_ns: int,
+    body_size: int | None = None,
+    error: BaseException | None = None,
+) -> None:
+    """End the spans of ``start_send``: the publish's outcome goes on the producer span."""
+    if body_size is not None:
+        producer.set_attribute(BODY_SIZE, body_size)
+    if error is not None:
+        record_error(producer, error)
+        record_error(root, error)
+    producer.end(end_time=end_ns)
+    root.end(end_time=end_ns)

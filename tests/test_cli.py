@@ -339,6 +339,7 @@ def test_migrate_applies_the_schema_once(database_url: str, db_schema: str) -> N
         (1, "0001_init.sql"),
         (2, "0002_missed_and_replayed_runs.sql"),
         (3, "0003_pages_records_source_state.sql"),
+        (4, "0004_lz4_compression.sql"),
     ]
 
 
