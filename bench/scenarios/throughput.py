@@ -10,10 +10,14 @@ Per run, in one fresh namespace, one after the other on the same servers:
    into a table made ``LIKE collected_data INCLUDING ALL`` (same indexes and constraints).
 3. **peer**: the straightforward design — httpx fetches every page (one task per source),
    then one ``executemany(INSERT … ON CONFLICT DO NOTHING)`` of all rows in one transaction.
+4. **coleta in two processes** (not the default; shown for sizing): the same collection with
+   the writer in a process of its own (``--role writer`` and ``--role ticker,fetcher,service``
+   on the same servers), as the README's scale-out section describes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pstats
 import time
@@ -92,6 +96,11 @@ async def run(ctx: Context) -> Result:
     cpu_mock = result.add(Measure("CPU, mock API", "ms/page", digits=3))
     busy = result.add(Measure("machine busy during the coleta run", "% of all cores"))
     peer_cpu = result.add(Measure("CPU, peer process (fetch + insert)", "ms/page", digits=2))
+    split_pps = result.add(
+        Measure("coleta in two processes (--role writer apart)", "pages/s", note="not default")
+    )
+    split_copy = result.add(Measure("  two processes / COPY ceiling", "x", digits=3))
+    split_peer = result.add(Measure("  two processes / peer", "x", digits=2))
 
     for _ in range(ctx.runs):
         async with namespace(ctx.services, "tp") as ns:
@@ -112,6 +121,11 @@ async def run(ctx: Context) -> Result:
             peer_pps.values.append(total_pages / peer_s)
             peer_cpu.values.append(peer_cpu_s / total_pages * 1000)
             ratio_peer.values.append(coleta_pps.values[-1] / peer_pps.values[-1])
+        async with namespace(ctx.services, "tpsplit") as ns:
+            elapsed, _, _ = await _coleta(ctx, ns, pages, paged, split=True)
+            split_pps.values.append(total_pages / elapsed)
+            split_copy.values.append(split_pps.values[-1] / copy_rps.values[-1])
+            split_peer.values.append(split_pps.values[-1] / peer_pps.values[-1])
         if by_record:
             # A quarter of the pages: 100,000 rows in a full run is plenty for a rate.
             record_pages = max(1, pages // 4)
@@ -132,7 +146,8 @@ async def run(ctx: Context) -> Result:
         "coleta: daemon subprocess with default settings (max_concurrent_fetches 8,"
         " writer_batch_size 256, file storage, one run per source at a time); timed from the"
         " first trigger to the last collected_data row committed.",
-        "ratios are per run (coleta and its comparison measured back to back), then the median.",
+        "ratios are per run (coleta and its comparison measured back to back), then the median;"
+        " the two-process run comes right after, compared with the same run's COPY and peer.",
         "CPU ms/page: process CPU time over the coleta run / pages; postgres sums every backend"
         " (other clients of the same server included).",
     ]
@@ -153,6 +168,7 @@ async def _coleta(
     *,
     profile_to: Path | None = None,
     by_record: bool = False,
+    split: bool = False,
 ) -> tuple[float, float, CpuMeter]:
     extra = {"granularity": "record", "records_path": "items"} if by_record else {}
     if paged:
@@ -162,13 +178,22 @@ async def _coleta(
     config = daemon_settings(ns, sources)
     wrap = ["-m", "cProfile", "-o", str(profile_to)] if profile_to else []
     expected = SOURCES * pages * (RECORDS_PER_PAGE if by_record else 1)
-    async with running_daemon(config, wrap=wrap) as daemon:
+    async with contextlib.AsyncExitStack() as stack:
+        pids: list[int] = []
+        if split:
+            # The writer in a process of its own: the pipeline gets a second Python thread.
+            writer = await stack.enter_async_context(running_daemon(config, roles="writer"))
+            pids.append(writer.pid)
+        daemon = await stack.enter_async_context(
+            running_daemon(config, wrap=wrap, roles="ticker,fetcher,service" if split else None)
+        )
+        pids.append(daemon.pid)
         conn = await ns.aconnect()
         nc = await ns.nats()
         try:
             meter = CpuMeter(
                 {
-                    "daemon": [daemon.pid],
+                    "daemon": pids,
                     "nats": find_pids("nats-server"),
                     "postgres": find_pids("postgres"),
                     "mock": [ctx.mock.pid],
