@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -470,6 +470,98 @@ class Bus:
     async def unsubscribe(sub: PullSubscription) -> None:
         with anyio.CancelScope(shield=True), contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
+
+    async def publish_burst(
+        self,
+        messages: Iterable[tuple[str, bytes, dict[str, str]]],
+        *,
+        timeout_s: float = 5.0,
+        yield_every: int = 256,
+        recover_once: bool = True,
+    ) -> list[PubAck | TransientError]:
+        """Publish many ``(subject, payload, headers)`` to JetStream, all acks in flight at once.
+
+        One outcome per message, in order: its ``PubAck``, or a ``TransientError`` for that
+        message alone when JetStream refused it, its send failed, or its ack did not come
+        within ``timeout_s`` after the last send (a burst of 10,000 costs one round trip, not
+        10,000). Messages go to the connection as ``messages`` yields them (a generator can
+        stamp each as it goes), and are written every ``yield_every``. The headers are sent
+        as given: the caller puts ``Nats-Msg-Id`` and the trace context in them, so a message
+        refused here can be published again. Messages no stream took (a server that lost its
+        store) make the bus declare again (``recover``) and are sent once more, as in
+        ``publish_raw``.
+        """
+        inbox = f"{self.nc.new_inbox()}."
+        sent: list[tuple[str, bytes, dict[str, str]]] = []
+        replies: dict[int, Msg] = {}
+        waiting: set[str] = set()
+        done = anyio.Event()
+        all_sent = False
+
+        async def on_reply(msg: Msg) -> None:
+            token = msg.subject[len(inbox) :]
+            if token in waiting:
+                waiting.discard(token)
+                replies[int(token)] = msg
+                if all_sent and not waiting:
+                    done.set()
+
+        outcomes: dict[int, TransientError] = {}
+        try:
+            sub = await self.nc.subscribe(f"{inbox}*", cb=on_reply)
+        except nats.errors.Error as exc:
+            raise TransientError(f"cannot receive publish acks: {exc!r}") from exc
+        try:
+            for index, (subject, payload, headers) in enumerate(messages):
+                sent.append((subject, payload, headers))
+                token = str(index)
+                waiting.add(token)
+                try:
+                    await self.nc.publish(subject, payload, reply=inbox + token, headers=headers)
+                except nats.errors.MaxPayloadError:
+                    raise
+                except (TimeoutError, nats.errors.Error) as exc:
+                    waiting.discard(token)
+                    outcomes[index] = TransientError(f"publish to {subject} failed: {exc!r}")
+                if index % yield_every == yield_every - 1:
+                    await anyio.lowlevel.checkpoint()  # the client writes what is queued
+            all_sent = True
+            if waiting:
+                with anyio.move_on_after(timeout_s):
+                    await done.wait()
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        results: list[PubAck | TransientError] = []
+        no_stream: list[int] = []
+        for index, (subject, _, _) in enumerate(sent):
+            if index in outcomes:
+                results.append(outcomes[index])
+                continue
+            reply = replies.get(index)
+            if reply is None:
+                results.append(TransientError(f"publish to {subject}: no ack in {timeout_s} s"))
+            elif reply.headers and reply.headers.get("Status") == "503":
+                no_stream.append(index)  # no responders: no stream takes the subject
+                results.append(TransientError(f"publish to {subject}: no stream"))
+            else:
+                answer = msgspec.json.decode(reply.data)
+                if "error" in answer:
+                    error = answer["error"]
+                    results.append(TransientError(f"publish to {subject} refused: {error}"))
+                else:
+                    results.append(PubAck.from_response(answer))
+        if no_stream and recover_once:
+            await self.recover(f"no stream for {sent[no_stream[0]][0]}")
+            again = await self.publish_burst(
+                (sent[index] for index in no_stream),
+                timeout_s=timeout_s,
+                yield_every=yield_every,
+                recover_once=False,
+            )
+            for index, outcome in zip(no_stream, again, strict=True):
+                results[index] = outcome
+        return results
 
 
 async def _connect(url: str, timeout_s: float) -> Client:
