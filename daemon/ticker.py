@@ -34,11 +34,14 @@ while every replica and restart computes the same offset. The run keeps the slot
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import hashlib
 import heapq
 import logging
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import anyio
@@ -64,6 +67,8 @@ _RETRY_S = 2.0
 #: Runs due at an instant are prepared at least this long before it (longer when preparing the
 #: last burst took more than half of it: ~30 us a run, so 1 s covers ~15,000 runs at once).
 PREPARE_AHEAD_S = 1.0
+#: From this many runs a burst's objects are kept out of the collector's sight (``_gc_paused``).
+_FREEZE_FROM = 1000
 #: A burst's summary names its runs' sources only up to this many.
 _NAMED = 10
 
@@ -81,6 +86,25 @@ def _offset(name: str, jitter_s: float) -> timedelta:
     digest = hashlib.sha256(name.encode()).digest()
     fraction = int.from_bytes(digest[:8], "big") / 2**64
     return timedelta(seconds=jitter_s * fraction)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside (the previous setting comes back after).
+
+    For preparing a burst (no awaits inside): a prepared run holds ~25 objects the collector
+    tracks (its spans most of them), and preparing 10,000 set off three full collections of
+    80-110 ms each. A large burst is then frozen (``gc.freeze``) until it is out and planned:
+    a full collection over its objects paused the loop 150 ms mid-burst, and a young one right
+    after a paused preparation, 90 ms. Refcounting still frees everything as usual.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _enabled(settings: Settings) -> dict[str, SourceConfig]:
@@ -191,8 +215,16 @@ class Ticker:
                     await anyio.sleep_forever()
             if self._sleep.cancelled_caught:
                 continue  # re-planned: wait for the new first slot
-            instant = self._prepare()
-            await self._burst(instant)
+            with _gc_paused():
+                instant = self._prepare()
+                frozen = len(self._due) >= _FREEZE_FROM
+                if frozen:
+                    gc.freeze()
+            try:
+                await self._burst(instant)
+            finally:
+                if frozen:
+                    gc.unfreeze()
 
     async def _burst(self, instant: datetime) -> None:
         """Publish the prepared runs at ``instant``, then plan their next slots."""

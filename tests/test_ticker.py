@@ -31,7 +31,7 @@ from tests.fix_daemon import MakeSettings, wait_for
 pytestmark = pytest.mark.anyio
 
 SLOT = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
-#: Runs due at the same instant.
+#: More than the ticker's ``_FREEZE_FROM``, so the large-burst path runs.
 MANY = 1_200
 _command = decoder(CollectCommand)
 
