@@ -31,10 +31,22 @@ from daemon._bus import Bus
 from daemon.errors import TransientError
 from daemon.settings import SourceConfig
 
-__all__ = ["STAMP_EVERY", "PreparedRun", "Queued", "prepare_run", "queue_burst", "queue_run"]
+__all__ = [
+    "STAMP_EVERY",
+    "WRITE_EVERY",
+    "PreparedRun",
+    "Queued",
+    "prepare_run",
+    "queue_burst",
+    "queue_run",
+]
 
 #: A burst reads the clock for ``requested_at`` (and lateness) once per this many commands.
 STAMP_EVERY = 256
+#: A burst lets the NATS client write every this many commands. Each pause also lets it read
+#: the acks that came back meanwhile, which delays the commands still to go: with 256 the last
+#: of 10,000 was handed over 112-120 ms after the instant, with 4,096 67-85 ms.
+WRITE_EVERY = 4096
 #: How long a burst waits for its acks after its last command went out.
 BURST_ACK_TIMEOUT_S = 5.0
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -164,7 +176,9 @@ async def queue_burst(
 
     outcomes: list[PubAck | TransientError]
     try:
-        outcomes = await bus.publish_burst(outgoing(), timeout_s=BURST_ACK_TIMEOUT_S)
+        outcomes = await bus.publish_burst(
+            outgoing(), timeout_s=BURST_ACK_TIMEOUT_S, yield_every=WRITE_EVERY
+        )
     except TransientError as exc:
         outcomes = [exc] * len(runs)
     end_ns = _ns(now())
