@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -477,6 +477,7 @@ class Bus:
         *,
         timeout_s: float = 5.0,
         yield_every: int = 256,
+        one_by_one_up_to: int = 4,
         recover_once: bool = True,
     ) -> list[PubAck | TransientError]:
         """Publish many ``(subject, payload, headers)`` to JetStream, all acks in flight at once.
@@ -489,8 +490,22 @@ class Bus:
         as given: the caller puts ``Nats-Msg-Id`` and the trace context in them, so a message
         refused here can be published again. Messages no stream took (a server that lost its
         store) make the bus declare again (``recover``) and are sent once more, as in
-        ``publish_raw``.
+        ``publish_raw``. Up to ``one_by_one_up_to`` messages go one by one, each awaiting its
+        ack (a burst's own ack inbox costs two more writes to the socket, ~0.2 ms each here).
         """
+        first: list[tuple[str, bytes, dict[str, str]]] = []
+        rest = iter(messages)
+        for item in rest:
+            first.append(item)
+            if len(first) > one_by_one_up_to:
+                break
+        else:
+            return [await self._publish_acked(*item) for item in first]
+
+        def all_of_them() -> Iterator[tuple[str, bytes, dict[str, str]]]:
+            yield from first
+            yield from rest
+
         inbox = f"{self.nc.new_inbox()}."
         sent: list[tuple[str, bytes, dict[str, str]]] = []
         replies: dict[int, Msg] = {}
@@ -512,7 +527,7 @@ class Bus:
         except nats.errors.Error as exc:
             raise TransientError(f"cannot receive publish acks: {exc!r}") from exc
         try:
-            for index, (subject, payload, headers) in enumerate(messages):
+            for index, (subject, payload, headers) in enumerate(all_of_them()):
                 sent.append((subject, payload, headers))
                 token = str(index)
                 waiting.add(token)
@@ -562,6 +577,21 @@ class Bus:
             for index, outcome in zip(no_stream, again, strict=True):
                 results[index] = outcome
         return results
+
+    async def _publish_acked(
+        self, subject: str, payload: bytes, headers: dict[str, str]
+    ) -> PubAck | TransientError:
+        """One message of a small ``publish_burst``: its ack, or why it was refused."""
+        try:
+            try:
+                return await self.js.publish(subject, payload, headers=headers)
+            except nats.js.errors.NoStreamResponseError:
+                await self.recover(f"no stream for {subject}")
+                return await self.js.publish(subject, payload, headers=headers)
+        except nats.errors.MaxPayloadError:
+            raise
+        except (TimeoutError, nats.errors.Error) as exc:
+            return TransientError(f"publish to {subject} failed: {exc!r}")
 
 
 async def _connect(url: str, timeout_s: float) -> Client:

@@ -215,16 +215,17 @@ async def test_runs_the_bus_refused_are_retried_and_each_runs_once(
     assert (retry["queued"], retry["refused"], retry["lateness_max_s"]) == (15, 0, 2.0)
 
 
+@pytest.mark.parametrize("count", [2, 6], ids=["one-by-one", "burst"])
 async def test_a_burst_finding_no_stream_declares_the_streams_again(
-    make_settings: MakeSettings, nats_url: str
+    make_settings: MakeSettings, nats_url: str, count: int
 ) -> None:
-    names = [f"v{i}" for i in range(5)]
+    names = [f"v{i}" for i in range(count)]
     clock = ManualClock(SLOT - timedelta(seconds=30))
     async with open_daemon(make_settings(daily(names)), clock=clock, roles=["ticker"]) as daemon:
         subjects = daemon.bus.subjects
         await daemon.bus.js.delete_stream(subjects.collect_stream)  # a server that lost it
         clock.set(SLOT)
-        await wait_for(lambda: daemon.ticker.ticks == 5, what="the burst, sent again")
+        await wait_for(lambda: daemon.ticker.ticks == count, what="the burst, sent again")
         assert daemon.bus.redeclared == 1
         counts, _ = await on_bus(nats_url, subjects)
     assert counts == {subjects.collect(name): 1 for name in names}
