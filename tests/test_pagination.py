@@ -18,6 +18,7 @@ from daemon._pagination import (
     records_of,
     set_param,
 )
+from daemon._records import _fields_decoder, decode_json, page_fields
 
 URL = httpx.URL("https://api.example/items?q=x")
 NO_HEADERS = httpx.Headers()
@@ -158,3 +159,50 @@ def test_the_next_page_url_changes_one_parameter_and_keeps_the_rest_byte_for_byt
     assert set_param(httpx.URL(url), name, value) == expected
     # What the API reads is what httpx would have sent.
     assert httpx.URL(expected).params == httpx.URL(url).copy_set_param(name, value).params
+
+
+PAGINATIONS = [
+    Pagination(kind="page", records_path="items", has_more_path="has_more"),
+    Pagination(kind="page", has_more_path="meta.more", total_path="meta.total"),
+    Pagination(kind="offset", records_path="data.rows", limit=2),
+    Pagination(kind="cursor", cursor_path="meta.next", records_path="items"),
+    Pagination(kind="next_url", next_url_path="links.next"),
+    Pagination(kind="next_url", next_url_path="links[0]"),
+    Pagination(kind="page", records_path="data", has_more_path="data.more"),
+]
+BODIES = [
+    b'{"items": [{"a": 1}, {"a": 2}], "has_more": true, "meta": {"more": false, "total": 2}}',
+    b'{"items": [], "has_more": false, "data": {"rows": [1, 2], "more": true}}',
+    b'{"meta": {"next": "c2", "total": 9}, "items": [1], "links": {"next": "/p?page=2"}}',
+    b'{"meta": {"next": null}, "items": {"not": "a list"}, "links": ["/first"]}',
+    b'{"meta": [1, 2], "data": {"rows": "x"}}',
+    b"[1, 2, 3]",
+    b'[{"a": 1}]',
+    b'"just a string"',
+    b"42",
+    b"not json at all",
+    b'{"items": [1, 2], "has_more": tru',
+    b"",
+]
+
+
+@pytest.mark.parametrize("pagination", PAGINATIONS)
+def test_next_page_reads_the_same_from_the_page_fields_as_from_the_whole_body(
+    pagination: Pagination,
+) -> None:
+    state = PageState(page=1, records_seen=3)
+    # Paths are decoded alone, unless one has an index or runs through another's value.
+    whole = "[" in str(pagination.next_url_path) or pagination.records_path == "data"
+    assert (_fields_decoder(pagination) is None) == whole
+    for body in BODIES:
+        whole = decode_json("application/json", body)
+        fields = page_fields(pagination, "application/json", body)
+        try:
+            expected: Any = next_page(pagination, state, URL, NO_HEADERS, whole)
+        except PaginationError as exc:
+            expected = str(exc)
+        try:
+            got: Any = next_page(pagination, state, URL, NO_HEADERS, fields)
+        except PaginationError as exc:
+            got = str(exc)
+        assert got == expected, body
