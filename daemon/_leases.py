@@ -5,6 +5,11 @@ A lease is the key ``<source>`` in the bucket ``<prefix>_leases``, created only 
 holding one loses it when the bucket's TTL expires it (per-key TTL is ignored by nats-server 2.9,
 so the TTL is the bucket's). Within one process an ``anyio.Lock`` per source queues runs first,
 so only one of them competes for the lease.
+
+Releasing leaves a delete marker, so ``create`` of a key released before fails, reads the marker
+and writes again: three round trips. A release remembers its marker's revision, and the next
+acquire of that source in this process writes over it directly (compare-and-set on the marker):
+one round trip, and the usual path when anything else was written since.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import Header
 from nats.js.kv import KeyValue
 
 from daemon._logging import get_logger
@@ -33,8 +40,12 @@ class Lease:
 class Leases:
     """Per-source leases in one KV bucket."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, js: JetStreamContext, bucket: str) -> None:
         self._kv = kv
+        self._js = js
+        self._prefix = f"$KV.{bucket}."
+        #: Per source: the revision of the delete marker of our last release.
+        self._released: dict[str, int] = {}
 
     async def acquire(self, source: str, run_id: str) -> Lease | None:
         """The lease, or None while another run of ``source`` holds it.
@@ -42,6 +53,12 @@ class Leases:
         A lease held for this very run is taken over: JetStream redelivered the command, so
         the process that held it is gone (killed, or silent for longer than ``ack_wait``).
         """
+        marker = self._released.pop(source, None)
+        if marker is not None:
+            # Written only if the key is still our delete marker, as create() would.
+            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                revision = await self._kv.update(source, run_id.encode(), last=marker)
+                return Lease(source, run_id, revision)
         try:
             revision = await self._kv.create(source, run_id.encode())
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -71,5 +88,13 @@ class Leases:
             )
 
     async def release(self, lease: Lease) -> None:
+        # kv.delete(key, last=…) without its answer: the marker's revision is the ack's sequence.
         with contextlib.suppress(nats.errors.Error, TimeoutError):
-            await self._kv.delete(lease.source, last=lease.revision)
+            ack = await self._js.publish(
+                self._prefix + lease.source,
+                headers={
+                    "KV-Operation": "DEL",
+                    Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(lease.revision),
+                },
+            )
+            self._released[lease.source] = ack.seq

@@ -99,7 +99,11 @@ class Fetcher:
         #: Per source: runs of this process queue here (unless allow_overlap).
         self._locks: dict[str, anyio.Lock] = {}
         #: Leases keep runs of one source apart across replicas.
-        self._leases = Leases(bus.leases) if bus.leases is not None else None
+        self._leases = (
+            Leases(bus.leases, bus.js, bus.subjects.leases_bucket)
+            if bus.leases is not None
+            else None
+        )
         #: Per run id: times it was handed back because another replica held the lease.
         self._lease_waits: dict[str, int] = {}
 
