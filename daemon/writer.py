@@ -33,7 +33,7 @@ import re
 import struct
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -657,8 +657,12 @@ class Writer:
         large = [row for item in items for row in item.large_rows]
         states = [item.state_row for item in items if item.state_row is not None]
         try:
+            # Pipelined (not with COPY, which a pipeline cannot carry): BEGIN, the statements
+            # and COMMIT go out together and the batch waits for PostgreSQL once, at the commit;
+            # an error still rolls the whole transaction back.
             async with (
                 self._db.pool.connection() as conn,
+                nullcontext() if large else conn.pipeline(),
                 conn.transaction(),
                 conn.cursor() as cur,
             ):
