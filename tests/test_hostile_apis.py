@@ -8,6 +8,7 @@ import zlib
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 import brotli
 import msgspec
 import nats
@@ -145,11 +146,23 @@ async def test_a_body_larger_than_a_nats_message_lands_whole(
         run_id = await trigger(request_reply, "big")
         row = await wait_for(lambda: finished(db_conn, run_id), within_s=30)
         assert daemon.bus.bodies is not None
-        with pytest.raises(nats.js.errors.NotFoundError):
-            await daemon.bus.bodies.get(f"{run_id}/0")  # removed once stored
+        # Removed once stored: the delete follows the commit, so wait for it (a get() racing
+        # the delete can wait forever for chunks already purged; get_info() cannot).
+        bodies = daemon.bus.bodies
+        with anyio.fail_after(10):
+            while await _still_stored(bodies, f"{run_id}/0"):  # noqa: ASYNC110 (polls NATS)
+                await anyio.sleep(0.05)
     assert row["status"] == "stored"
     stored = db_conn.execute("SELECT body, content_type FROM collected_data").fetchone()
     assert stored == (body, "application/octet-stream")
+
+
+async def _still_stored(bodies: Any, name: str) -> bool:
+    try:
+        await bodies.get_info(name)
+    except nats.js.errors.NotFoundError:  # not found, or deleted
+        return False
+    return True
 
 
 async def test_runs_of_one_source_do_not_overlap(
