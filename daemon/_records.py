@@ -112,10 +112,10 @@ def _plain(value: Any) -> Any:
     """Decoded fields back into the dicts ``json_path`` walks."""
     if isinstance(value, msgspec.Struct):
         found = {}
-        for field in msgspec.structs.fields(value):
-            item = getattr(value, field.name)
+        for name, key in zip(value.__struct_fields__, value.__struct_encode_fields__, strict=True):
+            item = getattr(value, name)
             if item is not None:
-                found[field.encode_name] = _plain(item)
+                found[key] = _plain(item)
         return found
     return value
 
