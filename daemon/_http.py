@@ -37,6 +37,7 @@ __all__ = [
     "backoff_s",
     "build_request",
     "is_retryable_status",
+    "next_request",
     "open_client",
     "parse_retry_after",
     "send",
@@ -173,6 +174,24 @@ def build_request(
 _SPILL_BYTES = 1024 * 1024
 #: Bodies up to this size stay in memory by default (the NATS max payload; see ``send``).
 SPOOL_OVER = 1024 * 1024
+
+
+def next_request(first: httpx.Request, url: str) -> httpx.Request:
+    """A later page's request: the run's first request (method, headers, body, timeouts, rate
+    limit) sent to ``url``.
+
+    What ``build_request`` would make for the same source and window, without templating and
+    merging it all again (0.16 ms a page in the throughput profile, a fifth of it now).
+    """
+    headers = first.headers.copy()
+    del headers["host"]  # set again from ``url``, which may be another host
+    return httpx.Request(
+        first.method,
+        url,
+        headers=headers,
+        content=first.content or None,
+        extensions=dict(first.extensions),
+    )
 
 
 @dataclass(frozen=True, slots=True)

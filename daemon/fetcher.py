@@ -43,7 +43,7 @@ from daemon import _metrics, _tracing
 from daemon._auth import Credentials
 from daemon._bus import Bus, Pending, PullSubscription
 from daemon._events import envelope, msg_id, page_payload
-from daemon._http import Fetched, backoff_s, build_request, send
+from daemon._http import Fetched, backoff_s, build_request, next_request, send
 from daemon._leases import Lease, Leases
 from daemon._logging import get_logger
 from daemon._pagination import PageState, PaginationError, first_page_params, next_page
@@ -361,9 +361,7 @@ class Fetcher:
                 )
         pages = _PagesInFlight(self._bus, key, progress)
         try:
-            fetched = await self._walk(
-                source, command, attempt, window, first, validators, known, pages
-            )
+            fetched = await self._walk(source, command, attempt, first, validators, known, pages)
         except FetchTransient:
             # The API failed page N: pages before it are confirmed and marked, so the retry
             # starts at page N (a crash, instead, restarts from the last mark).
@@ -393,7 +391,6 @@ class Fetcher:
         source: SourceConfig,
         command: CollectCommand,
         attempt: int,
-        window: Window,
         first: httpx.Request,
         validators: dict[str, str],
         known: dict[str, Any],
@@ -406,11 +403,7 @@ class Fetcher:
         deadline = anyio.current_time() + source.total_timeout_s
         while True:
             state = progress.state
-            request = (
-                first
-                if state.url is None
-                else build_request(self._http, source, window, url=state.url)
-            )
+            request = first if state.url is None else next_request(first, state.url)
             try:
                 fetched = await self._fetch(source, command, request, deadline)
             except FetchPermanent as exc:

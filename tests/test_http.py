@@ -18,6 +18,7 @@ from daemon._http import (
     backoff_s,
     build_request,
     is_retryable_status,
+    next_request,
     open_client,
     parse_retry_after,
     send,
@@ -399,3 +400,35 @@ async def test_a_lowercase_content_type_header_is_not_doubled(client: httpx.Asyn
     )
     request = build_request(client, source, window())
     assert request.headers.get_list("content-type") == ["application/vnd.api+json"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "later", ["https://api.example/q?a=1&page=2", "https://other.example:8443/next?c=%20x"]
+)
+async def test_a_later_page_is_requested_as_build_request_would(
+    client: httpx.AsyncClient, later: str
+) -> None:
+    source = source_config(
+        method="POST",
+        url="https://api.example/q?a=1",
+        headers={"X-Key": "k", "Accept": "application/json"},
+        body={"d": "{source}"},
+        rate_limit="5/s",
+        timeout_s=7,
+    )
+    first = build_request(client, source, window())
+    built = build_request(client, source, window(), url=later)
+    made = next_request(first, later)
+
+    def shape(request: httpx.Request) -> tuple[Any, ...]:
+        return (
+            request.method,
+            str(request.url),
+            sorted(request.headers.multi_items()),
+            request.content,
+            request.extensions,
+        )
+
+    assert shape(made) == shape(built)
+    assert made.headers["host"] == httpx.URL(later).netloc.decode()
