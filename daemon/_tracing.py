@@ -143,7 +143,9 @@ def setup_tracing(service_name: str = "coleta", version: str = "0.1.0") -> None:
         exporter = _exporter_from_env()
         provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         if exporter is not None:
-            provider.add_span_processor(BatchSpanProcessor(exporter))
+            provider.add_span_processor(
+                BatchSpanProcessor(exporter, max_queue_size=_span_queue_size())
+            )
         if _state.provider is not None:
             _state.provider.shutdown()
         _state.provider, _state.configured, _state.version = provider, True, version
@@ -151,6 +153,15 @@ def setup_tracing(service_name: str = "coleta", version: str = "0.1.0") -> None:
     # a process set only once; a second attempt only logs a warning, so we skip it.
     if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         trace.set_tracer_provider(provider)
+
+
+#: Spans waiting for export. The SDK's default (2,048) drops spans when 10,000 sources tick at
+#: one instant (two spans each); ``OTEL_BSP_MAX_QUEUE_SIZE`` still wins.
+SPAN_QUEUE_SIZE = 32_768
+
+
+def _span_queue_size() -> int | None:
+    return None if os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE") else SPAN_QUEUE_SIZE
 
 
 def use_provider(provider: TracerProvider) -> None:

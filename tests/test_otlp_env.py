@@ -65,6 +65,22 @@ def test_metrics_reach_an_otlp_http_receiver_when_shut_down(
     }
 
 
+def test_a_burst_of_20000_spans_reaches_the_collector_whole(
+    monkeypatch: pytest.MonkeyPatch, otlp_http_receiver: tuple[str, Received]
+) -> None:
+    # 10,000 sources due at one instant end two spans each at once; the SDK's default queue
+    # (2,048 spans) would drop most of them.
+    endpoint, got = otlp_http_receiver
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    _tracing.setup_tracing()
+    tracer = _tracing.tracer()
+    for i in range(20_000):
+        tracer.start_span(f"send coleta.collect.s{i}").end()
+    _tracing.shutdown_tracing(timeout_s=30)
+    assert len(got.spans()) == 20_000
+
+
 def test_metrics_go_by_grpc_by_default_to_their_own_endpoint(
     monkeypatch: pytest.MonkeyPatch,
     otlp_grpc_receiver: tuple[str, Received],
