@@ -328,17 +328,10 @@ class Bus:
             subject, source=source, run_id=run_id, message_id=msg_id, body_size=len(payload)
         ):
             headers = _tracing.inject({"Nats-Msg-Id": msg_id})
-            try:
-                try:
-                    return await self.js.publish(subject, payload, headers=headers)
-                except nats.js.errors.NoStreamResponseError:
-                    # No stream takes the subject: the server lost its store. Once more.
-                    await self.recover(f"no stream for {subject}")
-                    return await self.js.publish(subject, payload, headers=headers)
-            except nats.errors.MaxPayloadError:
-                raise
-            except (TimeoutError, nats.errors.Error) as exc:
-                raise TransientError(f"publish to {subject} failed: {exc!r}") from exc
+            outcome = await self._publish_acked(subject, payload, headers)
+            if isinstance(outcome, TransientError):
+                raise outcome
+            return outcome
 
     async def send(
         self,
@@ -581,17 +574,21 @@ class Bus:
     async def _publish_acked(
         self, subject: str, payload: bytes, headers: dict[str, str]
     ) -> PubAck | TransientError:
-        """One message of a small ``publish_burst``: its ack, or why it was refused."""
+        """One message published and acked (``publish_raw``, a small ``publish_burst``): its
+        ack, or why it was refused."""
         try:
             try:
                 return await self.js.publish(subject, payload, headers=headers)
             except nats.js.errors.NoStreamResponseError:
+                # No stream takes the subject: the server lost its store. Once more.
                 await self.recover(f"no stream for {subject}")
                 return await self.js.publish(subject, payload, headers=headers)
         except nats.errors.MaxPayloadError:
             raise
         except (TimeoutError, nats.errors.Error) as exc:
-            return TransientError(f"publish to {subject} failed: {exc!r}")
+            refused = TransientError(f"publish to {subject} failed: {exc!r}")
+            refused.__cause__ = exc
+            return refused
 
 
 async def _connect(url: str, timeout_s: float) -> Client:
