@@ -16,12 +16,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from daemon import writer
+from daemon import _rows
 from daemon._db import apply_migrations
 from daemon._http import open_client, send
+from daemon._rows import LargeRow, copy_large, jsonb_can_hold, split_body
 from daemon.app import open_daemon
 from daemon.errors import FetchPermanent
-from daemon.writer import _copy_large, _jsonb_can_hold, _LargeRow, split_body
 from tests._collect import run, source
 from tests._proc import spawn
 from tests.fix_daemon import MakeSettings, Requester
@@ -60,8 +60,8 @@ def test_a_large_body_is_judged_as_split_body_judges_it(
     content_type: str | None, body: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # UTF-8 is checked a slice at a time: slices of 3 bytes cut multi-byte characters.
-    monkeypatch.setattr(writer, "_COPY_CHUNK", 3)
-    assert _jsonb_can_hold(content_type, body) == (split_body(content_type, body)[0] is not None)
+    monkeypatch.setattr(_rows, "_COPY_CHUNK", 3)
+    assert jsonb_can_hold(content_type, body) == (split_body(content_type, body)[0] is not None)
 
 
 async def test_a_large_json_body_lands_whole_in_data(
@@ -119,10 +119,10 @@ async def test_a_large_row_is_inserted_once(database_url: str, db_schema: str) -
         await conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(db_schema)))
         with tempfile.TemporaryFile() as file:
             file.write(body)
-            row = _LargeRow(values, "data", file, len(body))
+            row = LargeRow(values, "data", file, len(body))
             for _ in range(2):  # a batch written again, holding the row twice
                 async with conn.transaction(), conn.cursor() as cur:
-                    await _copy_large(cur, [row, row])
+                    await copy_large(cur, [row, row])
         found = await conn.execute("SELECT count(*), min(data::text) FROM collected_data")
         count, text = await found.fetchone() or (0, None)
         # The temporary table went with each transaction.

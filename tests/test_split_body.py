@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.writer import split_body
+from daemon._rows import split_body
 
 
 @pytest.mark.parametrize(
