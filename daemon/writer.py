@@ -71,6 +71,8 @@ _decode_command = decoder(CollectCommand).decode
 _FETCH_WAIT_S = 0.5
 #: How long a batch waits to be retried while PostgreSQL is unreachable.
 _STORE_RETRY_S = 2.0
+#: About how many bytes of messages one batch holds (``writer_batch_size`` bounds the count).
+BATCH_BYTES = 16 * 1024 * 1024
 
 #: Validators are replaced by a one-request run's (``remember``); the cursor only grows.
 UPSERT_SOURCE_STATE = """
@@ -363,10 +365,18 @@ class Writer:
     async def _consume(
         self, sub: PullSubscription, build: Callable[[Msg], _Item], consumer: str
     ) -> None:
+        # Batches are bounded in bytes too: 256 pages of almost 1 MiB would hold 256 MiB.
+        # The next batch asks for as many messages as the last ones' size fits in the budget,
+        # starting as if every message were as large as NATS allows.
+        want = self._batch_limit(self._bus.max_payload)
         while not self._stopping.is_set():
-            msgs = await self._bus.fetch(sub, self._batch_size, _FETCH_WAIT_S)
+            msgs = await self._bus.fetch(sub, want, _FETCH_WAIT_S)
             if msgs:
+                want = self._batch_limit(sum(len(msg.data) for msg in msgs) // len(msgs))
                 await self._write_batch(msgs, build, consumer)
+
+    def _batch_limit(self, message_bytes: int) -> int:
+        return max(1, min(self._batch_size, BATCH_BYTES // max(1, message_bytes)))
 
     async def _write_batch(
         self, msgs: Sequence[Msg], build: Callable[[Msg], _Item], consumer: str

@@ -19,11 +19,12 @@ from opentelemetry.sdk.metrics.export import (
     MetricReader,
 )
 
-from contracts import Subjects
+from contracts import RawPayload, Subjects, encode
 from daemon import _metrics, _tracing
 from daemon._bus import Bus, BusOptions
 from daemon._clock import ManualClock
 from daemon.app import open_daemon
+from daemon.writer import BATCH_BYTES
 from tests.fix_daemon import MakeSettings, Requester, wait_for
 from tests.fix_http import LocalAPI
 
@@ -423,3 +424,55 @@ def test_tracing_and_metrics_share_the_resource(monkeypatch: pytest.MonkeyPatch)
     assert _tracing.resource().attributes["service.name"] == "coleta-x"
     monkeypatch.delenv("OTEL_SERVICE_NAME")
     assert _tracing.resource("other", "9").attributes["service.version"] == "9"
+
+
+@pytest.mark.anyio
+async def test_writer_batches_of_large_pages_stay_within_a_byte_budget(
+    reader: InMemoryMetricReader,
+    make_settings: MakeSettings,
+    db_conn: psycopg.Connection[Any],
+    nats_url: str,
+) -> None:
+    # 48 pages of ~600 KB (800 KB on the bus) wait in the stream before the writer starts:
+    # a batch by count alone would take all of them (38 MB) at once.
+    settings = make_settings(
+        [{"name": "big", "url": "http://127.0.0.1:9/", "schedule": "0 0 1 1 *"}]
+    )
+    async with open_daemon(settings, roles=frozenset({"service"})) as daemon:
+        subject = daemon.bus.subjects.raw("big")
+    body = bytes(range(256)) * 2400
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        for page in range(48):
+            payload = RawPayload(
+                run_id="big@1",
+                source="big",
+                trigger="manual",
+                scheduled_for=DAY,
+                attempt=1,
+                page=page,
+                last=page == 47,
+                fetched_at=DAY,
+                url="http://127.0.0.1:9/",
+                status_code=200,
+                headers={},
+                content_type="application/octet-stream",
+                body=body,
+            )
+            await js.publish(subject, encode(payload), headers={"Nats-Msg-Id": f"big/{page}"})
+    finally:
+        await nc.close()
+    async with open_daemon(settings, roles=frozenset({"writer"})):
+        await wait_for(
+            lambda: db_conn.execute("SELECT count(*) FROM collected_data").fetchone() == (48,),
+            within_s=60,
+        )
+    sizes = [
+        batch
+        for attributes, batch in points(reader, "coleta.writer.batch.size")
+        if attributes["messaging.consumer.group.name"] == daemon.bus.subjects.writer_consumer
+    ]
+    assert sum(batch.sum for batch in sizes) == 48
+    on_the_bus = len(encode(payload))
+    assert max(batch.max for batch in sizes) <= BATCH_BYTES // on_the_bus + 1
