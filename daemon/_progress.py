@@ -1,25 +1,30 @@
-"""A paginated run's progress: where it is, and what its published pages added up to.
+"""A paginated run's progress: where it is, what its published pages added up to, and which
+of them JetStream has confirmed.
 
-Kept in the ``<prefix>_progress`` bucket after each published page, so a retry starts at the
-page that failed. URLs are stored redacted and restored from the run's first request.
+Marked in the ``<prefix>_progress`` bucket every 50 pages or every second, and when the API
+fails, so a retry starts at the page that failed (after a crash, at the last mark). URLs are
+stored redacted and restored from the run's first request.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx
 import msgspec
 
 from contracts import CollectCommand
 from daemon import _records, _tracing
+from daemon._bus import Bus, Pending
 from daemon._http import Fetched
 from daemon._pagination import PageState, Pagination
 from daemon.settings import SourceConfig
 
-__all__ = ["Progress", "paging", "param_value", "progress_key", "records_path"]
+__all__ = ["PagesInFlight", "Progress", "paging", "param_value", "progress_key", "records_path"]
 
 
 def records_path(source: SourceConfig) -> str | None:
@@ -142,3 +147,59 @@ def _unredact(url: str, first: httpx.URL) -> str:
     if first.userinfo and not target.userinfo and target.host == first.host:
         target = target.copy_with(username=first.username, password=first.password)
     return str(target)
+
+
+#: Pages of one run sent without waiting for their acks.
+_PAGES_IN_FLIGHT = 64
+#: A paginated run's progress is marked every this many pages, or this often.
+_MARK_EVERY_PAGES = 50
+_MARK_EVERY_S = 1.0
+
+
+class PagesInFlight:
+    """A run's pages sent but not yet confirmed, and its progress marks.
+
+    Up to ``_PAGES_IN_FLIGHT`` pages travel unconfirmed, so fetching the next page overlaps
+    with JetStream storing the last ones. The run's progress is marked in the progress bucket
+    (after confirming every page before it) every ``_MARK_EVERY_PAGES`` pages or
+    ``_MARK_EVERY_S`` seconds: a crash repeats at most that much, and repeated pages are
+    de-duplicated (message id, then the writer's unique key).
+    """
+
+    def __init__(self, bus: Bus, key: str, progress: Progress) -> None:
+        self._bus = bus
+        self._key = key
+        self.progress = progress
+        self._pending: deque[Pending] = deque()
+        self._marked_page = progress.page
+        self._marked_at = anyio.current_time()
+
+    async def add(self, pending: Pending) -> None:
+        self._pending.append(pending)
+        if len(self._pending) > _PAGES_IN_FLIGHT:
+            await self._bus.confirm(self._pending.popleft())
+
+    async def confirm_all(self) -> None:
+        while self._pending:
+            await self._bus.confirm(self._pending[0])
+            self._pending.popleft()
+
+    def mark_due(self) -> bool:
+        return (
+            self.progress.page - self._marked_page >= _MARK_EVERY_PAGES
+            or anyio.current_time() - self._marked_at >= _MARK_EVERY_S
+        )
+
+    async def mark(self) -> None:
+        """Confirm the pages sent, then record where the run is."""
+        await self.confirm_all()
+        if self.progress.page == self._marked_page:
+            return
+        await self._bus.kv_put(self._bus.progress, self._key, self.progress.dump())
+        self._marked_page = self.progress.page
+        self._marked_at = anyio.current_time()
+
+    def forget(self) -> None:
+        """The run is over or abandoned: stop waiting for acks still outstanding."""
+        while self._pending:
+            self._pending.popleft().forget()

@@ -7,16 +7,16 @@ any point redelivers the command; the payload's ``Nats-Msg-Id`` and the writer's
 and a backoff delay — the worker is freed at once, no source waits behind another's retries.
 
 A paginated run publishes each page as it is fetched (``page`` = 0, 1, 2 …, ``last`` on the
-final one; message ids ``{run_id}/r{replay}/p{page}``) and keeps its ``PageState`` in the
-``<prefix>_progress`` bucket after each page, so a retry starts at the page that failed. A
-one-request run sends the validators the writer remembered (``<prefix>_sources``) and ends
-``unchanged`` on a 304, or on the same body with ``skip_unchanged``.
+final one; message ids ``{run_id}/r{replay}/p{page}``), up to 64 unconfirmed at a time, and
+marks its ``PageState`` in the ``<prefix>_progress`` bucket (``_progress.PagesInFlight``), so a
+retry starts at the page that failed. A one-request run sends the validators the writer
+remembered (``<prefix>_sources``) and ends ``unchanged`` on a 304, or on the same body with
+``skip_unchanged``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,7 +47,7 @@ from daemon._http import Fetched, backoff_s, build_request, next_request, send
 from daemon._leases import Lease, Leases
 from daemon._logging import get_logger
 from daemon._pagination import PageState, PaginationError, first_page_params, next_page
-from daemon._progress import Progress, paging, param_value, progress_key
+from daemon._progress import PagesInFlight, Progress, paging, param_value, progress_key
 from daemon._records import page_fields
 from daemon._template import Window
 from daemon.errors import FetchPermanent, FetchTransient, PermanentError, TransientError
@@ -65,11 +65,6 @@ _OVERLAP_RETRY_S = 1.0
 _MAX_TRACKED_WAITS = 10_000
 #: How soon a run whose publish the bus refused is tried again.
 _BUS_RETRY_S = 2.0
-#: Pages of one run sent without waiting for their acks.
-_PAGES_IN_FLIGHT = 64
-#: A paginated run's progress is marked every this many pages, or this often.
-_MARK_EVERY_PAGES = 50
-_MARK_EVERY_S = 1.0
 
 
 @dataclass(slots=True)
@@ -322,9 +317,9 @@ class Fetcher:
     async def _collect(self, source: SourceConfig, command: CollectCommand, attempt: int) -> None:
         """Fetch the run's pages, publishing each one as it comes.
 
-        A paginated run keeps its ``PageState`` in the progress bucket after each published
-        page, so the next attempt starts at the page that failed. A one-request run sends the
-        validators of the last stored response and may end ``unchanged``.
+        A paginated run marks its ``PageState`` in the progress bucket as it goes, so the next
+        attempt starts at the page that failed. A one-request run sends the validators of the
+        last stored response and may end ``unchanged``.
         """
         window = Window(
             source=source.name,
@@ -359,7 +354,7 @@ class Fetcher:
                     "fetch.resumed",
                     extra={"source": source.name, "run_id": command.run_id, "page": progress.page},
                 )
-        pages = _PagesInFlight(self._bus, key, progress)
+        pages = PagesInFlight(self._bus, key, progress)
         try:
             fetched = await self._walk(source, command, attempt, first, validators, known, pages)
         except FetchTransient:
@@ -394,7 +389,7 @@ class Fetcher:
         first: httpx.Request,
         validators: dict[str, str],
         known: dict[str, Any],
-        pages: _PagesInFlight,
+        pages: PagesInFlight,
     ) -> Fetched | None:
         """Fetch and send page after page; the last page's response, or None when the run
         ended ``unchanged``. Every page sent is confirmed before this returns."""
@@ -612,55 +607,6 @@ class Fetcher:
             source=command.source,
             run_id=command.run_id,
         )
-
-
-class _PagesInFlight:
-    """A run's pages sent but not yet confirmed, and its progress marks.
-
-    Up to ``_PAGES_IN_FLIGHT`` pages travel unconfirmed, so fetching the next page overlaps
-    with JetStream storing the last ones. The run's progress is marked in the progress bucket
-    (after confirming every page before it) every ``_MARK_EVERY_PAGES`` pages or
-    ``_MARK_EVERY_S`` seconds: a crash repeats at most that much, and repeated pages are
-    de-duplicated (message id, then the writer's unique key).
-    """
-
-    def __init__(self, bus: Bus, key: str, progress: Progress) -> None:
-        self._bus = bus
-        self._key = key
-        self.progress = progress
-        self._pending: deque[Pending] = deque()
-        self._marked_page = progress.page
-        self._marked_at = anyio.current_time()
-
-    async def add(self, pending: Pending) -> None:
-        self._pending.append(pending)
-        if len(self._pending) > _PAGES_IN_FLIGHT:
-            await self._bus.confirm(self._pending.popleft())
-
-    async def confirm_all(self) -> None:
-        while self._pending:
-            await self._bus.confirm(self._pending[0])
-            self._pending.popleft()
-
-    def mark_due(self) -> bool:
-        return (
-            self.progress.page - self._marked_page >= _MARK_EVERY_PAGES
-            or anyio.current_time() - self._marked_at >= _MARK_EVERY_S
-        )
-
-    async def mark(self) -> None:
-        """Confirm the pages sent, then record where the run is."""
-        await self.confirm_all()
-        if self.progress.page == self._marked_page:
-            return
-        await self._bus.kv_put(self._bus.progress, self._key, self.progress.dump())
-        self._marked_page = self.progress.page
-        self._marked_at = anyio.current_time()
-
-    def forget(self) -> None:
-        """The run is over or abandoned: stop waiting for acks still outstanding."""
-        while self._pending:
-            self._pending.popleft().forget()
 
 
 def _record_http(
