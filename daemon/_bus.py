@@ -47,7 +47,7 @@ from daemon import _tracing
 from daemon._logging import get_logger
 from daemon.errors import TransientError
 
-__all__ = ["Bus", "BusOptions", "Pending", "PullSubscription", "message_trace_id"]
+__all__ = ["Bus", "BusOptions", "Pending", "PullSubscription", "message_size", "message_trace_id"]
 
 log = get_logger("bus")
 
@@ -78,6 +78,36 @@ class BusOptions:
     replicas: int = 1
     #: ``file`` or ``memory``: where JetStream keeps the streams.
     storage: str = "file"
+
+
+#: What nats-py's ``publish_async`` raises after it registered the message's future and took
+#: one of its pending slots (``publish_async_max_pending``, 4,000): the send itself failed.
+_REFUSED_AFTER_REGISTERING = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.MaxPayloadError,
+)
+
+
+def _release_orphan(js: JetStreamContext) -> None:
+    """Give back the pending slot of a ``publish_async`` whose send raised.
+
+    nats-py completes the future (and frees the slot) only when an ack arrives, which never
+    happens for a message never sent: 4,000 such failures and every later publish stalls. The
+    send fails before any await, so the orphan is the future registered last; cancelling it
+    runs nats-py's own clean-up.
+    """
+    futures: dict[str, asyncio.Future[PubAck]] = getattr(js, "_publish_async_futures", {})
+    if futures:
+        orphan = next(reversed(futures.values()))
+        if not orphan.done():
+            orphan.cancel()
+
+
+def message_size(payload: bytes, headers: Mapping[str, str]) -> int:
+    """The bytes NATS counts against ``max_payload``: the payload and its header block."""
+    return len(payload) + 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
 
 
 @dataclass(slots=True)
@@ -336,29 +366,43 @@ class Bus:
     async def send(
         self,
         subject: str,
-        message: msgspec.Struct,
+        message: msgspec.Struct | bytes,
         *,
         msg_id: str,
         source: str,
         run_id: str,
     ) -> Pending:
-        """Publish a contract without waiting for its ack: ``confirm`` the returned handle.
+        """Publish a contract (or its encoding) without waiting for its ack: ``confirm`` the
+        returned handle.
 
         Many publishes in flight cost one round trip instead of one each (5-7x the rate of
         awaiting every ack). Until it is confirmed a message may be lost, so a caller confirms
         before it records anything that relies on it (a progress mark, the command's ack).
+        A message larger than the server takes raises ``MaxPayloadError`` before anything is
+        sent; while the connection is down, the publish waits for its ack here (nats-py would
+        otherwise buffer it, or refuse it and lose one of its pending slots, below).
         """
-        payload = encode(message)
+        payload = message if isinstance(message, bytes) else encode(message)
         with _tracing.producer_span(
             subject, source=source, run_id=run_id, message_id=msg_id, body_size=len(payload)
         ):
             headers = _tracing.inject({"Nats-Msg-Id": msg_id})
+            if message_size(payload, headers) > self.max_payload:
+                raise nats.errors.MaxPayloadError
+            if not self.nc.is_connected:
+                done: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
+                outcome = await self._publish_acked(subject, payload, headers)
+                if isinstance(outcome, TransientError):
+                    raise outcome
+                done.set_result(outcome)
+                return Pending(subject, payload, headers, done)
             try:
                 future = await self.js.publish_async(
                     subject, payload, headers=headers, wait_stall=_PUBLISH_TIMEOUT_S
                 )
-            except nats.errors.MaxPayloadError:
-                raise
+            except _REFUSED_AFTER_REGISTERING as exc:
+                _release_orphan(self.js)
+                raise TransientError(f"publish to {subject} failed: {exc!r}") from exc
             except (TimeoutError, nats.errors.Error) as exc:
                 raise TransientError(f"publish to {subject} failed: {exc!r}") from exc
         return Pending(subject, payload, headers, future)

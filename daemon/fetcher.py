@@ -38,6 +38,7 @@ from contracts import (
     FetchUnchanged,
     RawPayload,
     decoder,
+    encode,
 )
 from daemon import _metrics, _tracing
 from daemon._auth import Credentials
@@ -60,6 +61,8 @@ log = get_logger("fetcher")
 _decode_command = decoder(CollectCommand).decode
 #: Room kept for the payload's JSON envelope and headers within the NATS max payload.
 _ENVELOPE_BYTES = 16 * 1024
+#: Room kept for a message's NATS headers (message id, trace context).
+_HEADER_ROOM = 1024
 #: How soon a command for a source that is already running is offered again.
 _OVERLAP_RETRY_S = 1.0
 _MAX_TRACKED_WAITS = 10_000
@@ -582,16 +585,22 @@ class Fetcher:
         """Send a page (confirm it later); a body too large for one NATS message goes to the
         object store first, from its spool file when it has one (never whole in memory)."""
         message_id = msg_id(command, f"p{payload.page}")
-        if fetched.spool is not None or fetched.size > self._inline_bytes():
+        encoded: bytes | None = None
+        if fetched.spool is None and fetched.size <= self._inline_bytes():
+            encoded = encode(payload)
+            # The rest of the page (headers up to 100 KiB, a long URL) may not fit either.
+            if len(encoded) + _HEADER_ROOM > self._bus.max_payload:
+                encoded = None
+        if encoded is None:
             name = f"{command.run_id}/{payload.page}"
             body = fetched.spool if fetched.spool is not None else fetched.body
             await self._bus.put_body(name, body)
-            payload = msgspec.structs.replace(
-                payload, body=b"", body_ref=name, body_size=fetched.size
+            encoded = encode(
+                msgspec.structs.replace(payload, body=b"", body_ref=name, body_size=fetched.size)
             )
         return await self._bus.send(
             self._bus.subjects.raw(command.source),
-            payload,
+            encoded,
             msg_id=message_id,
             source=command.source,
             run_id=command.run_id,

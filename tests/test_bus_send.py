@@ -1,0 +1,70 @@
+"""Pipelined publishes (``Bus.send`` / ``confirm``) on a real NATS: what the server refuses,
+and what nats-py would otherwise lose on the way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats.errors
+import pytest
+
+from contracts import Subjects
+from daemon._bus import Bus, BusOptions
+from daemon.app import open_daemon
+from tests._collect import finished, source, trigger
+from tests.fix_daemon import MakeSettings, Requester, wait_for
+from tests.fix_http import LocalAPI
+
+pytestmark = pytest.mark.anyio
+
+OPTIONS = BusOptions(max_age_s=600, duplicate_window_s=60)
+
+
+async def test_a_message_over_max_payload_is_refused_before_it_is_sent(
+    nats_url: str, bus_prefix: str
+) -> None:
+    async with Bus.open(nats_url, Subjects(bus_prefix), OPTIONS) as bus:
+        subject = bus.subjects.raw("s")
+        with pytest.raises(nats.errors.MaxPayloadError):
+            await bus.send(subject, b"x" * bus.max_payload, msg_id="big", source="s", run_id="r")
+        ack = await bus.confirm(await bus.send(subject, b"{}", msg_id="a", source="s", run_id="r"))
+        assert ack.stream == bus.subjects.raw_stream
+
+
+async def test_sends_the_client_refused_give_their_pending_slots_back(
+    nats_url: str, bus_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # nats-py takes one of its pending slots before it sends; a send that raises (buffer full
+    # while reconnecting) never gave it back, and with every slot gone no publish went out.
+    async with Bus.open(nats_url, Subjects(bus_prefix), OPTIONS) as bus:
+        bus.js = bus.nc.jetstream(publish_async_max_pending=2)
+        subject = bus.subjects.raw("s")
+        publish = bus.nc.publish
+
+        async def refuse(*args: Any, **kwargs: Any) -> None:
+            raise nats.errors.OutboundBufferLimitError
+
+        monkeypatch.setattr(bus.nc, "publish", refuse)
+        for i in range(5):
+            with pytest.raises(Exception, match="OutboundBufferLimit"):
+                await bus.send(subject, b"{}", msg_id=f"lost{i}", source="s", run_id="r")
+        monkeypatch.setattr(bus.nc, "publish", publish)
+        for i in range(3):
+            pending = await bus.send(subject, b"{}", msg_id=f"ok{i}", source="s", run_id="r")
+            assert (await bus.confirm(pending)).seq
+
+
+async def test_a_page_whose_headers_overflow_the_message_goes_through_the_object_store(
+    api: LocalAPI, make_settings: MakeSettings, request_reply: Requester, db_conn: Any
+) -> None:
+    # 600 KB of body fits a message, but not with 270 KB of response headers beside it.
+    body = bytes(range(256)) * 2400
+    headers = {f"X-Padding-{i}": "p" * 90_000 for i in range(3)}
+    api.route("/padded", body=body, content_type="application/octet-stream", headers=headers)
+    async with open_daemon(make_settings([source(api, "padded", "/padded")])):
+        run_id = await trigger(request_reply, "padded")
+        row = await wait_for(lambda: finished(db_conn, run_id), within_s=30)
+    assert row["status"] == "stored"
+    stored = db_conn.execute("SELECT body FROM collected_data").fetchone()
+    assert stored == (body,)
+
