@@ -366,6 +366,11 @@ class Fetcher:
             with contextlib.suppress(TransientError):
                 await pages.mark()
             raise
+        except PermanentError:
+            # The run fails, keeping the pages it got: they must be on the bus before the
+            # failure is recorded and the command acked (if not, TransientError: tried again).
+            await pages.confirm_all()
+            raise
         finally:
             pages.forget()
         if fetched is None:

@@ -11,6 +11,7 @@ import pytest
 from contracts import Subjects
 from daemon._bus import Bus, BusOptions
 from daemon.app import open_daemon
+from daemon.errors import TransientError
 from tests._collect import finished, source, trigger
 from tests.fix_daemon import MakeSettings, Requester, wait_for
 from tests.fix_http import LocalAPI
@@ -68,3 +69,35 @@ async def test_a_page_whose_headers_overflow_the_message_goes_through_the_object
     stored = db_conn.execute("SELECT body FROM collected_data").fetchone()
     assert stored == (body,)
 
+
+async def test_a_run_that_fails_on_a_later_page_confirms_its_pages_before_failing(
+    api: LocalAPI,
+    make_settings: MakeSettings,
+    request_reply: Requester,
+    db_conn: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Page 0 is sent, page 1 is a 404: the run fails, but only once page 0 is known to be on
+    # the bus. The first confirmation fails: the command is handed back and done again.
+    api.route("/pages", json={"items": [1, 2], "has_more": True}, times=1)
+    api.route("/pages", status=404, body="gone", times=1)
+    api.route("/pages", json={"items": [1, 2], "has_more": True}, times=1)
+    api.route("/pages", status=404, body="gone")
+    pagination = {"kind": "page", "records_path": "items", "has_more_path": "has_more"}
+    settings = make_settings([source(api, "paged", "/pages", pagination=pagination)])
+    async with open_daemon(settings) as daemon:
+        confirm = daemon.bus.confirm
+        refused: list[str] = []
+
+        async def refuse_once(pending: Any) -> Any:
+            if not refused:
+                refused.append(pending.subject)
+                raise TransientError("the bus did not confirm")
+            return await confirm(pending)
+
+        monkeypatch.setattr(daemon.bus, "confirm", refuse_once)
+        run_id = await trigger(request_reply, "paged")
+        row = await wait_for(lambda: finished(db_conn, run_id), within_s=30)
+    assert refused == [daemon.bus.subjects.raw("paged")]
+    assert (row["status"], row["error_code"], row["attempts"]) == ("failed", "http_status", 2)
+    assert db_conn.execute("SELECT page FROM collected_data").fetchall() == [(0,)]
