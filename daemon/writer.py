@@ -521,7 +521,14 @@ class Writer:
     async def _store_one_by_one(self, items: Sequence[_Item]) -> None:
         for item in items:
             try:
-                await self._store([item])
+                try:
+                    await self._store([item])
+                except psycopg.errors.NumericValueOutOfRange:
+                    # Valid JSON with a number jsonb cannot hold (1e999999): stored as
+                    # received in ``body`` instead, like any JSON jsonb refuses.
+                    if not _rows.to_body(item.data_rows, item.large_rows):
+                        raise
+                    await self._store([item])
             except StoreUnavailable:
                 _end_spans([item], error="store unavailable")
                 await _settle(partial(item.msg.nak, delay=_STORE_RETRY_S))

@@ -92,6 +92,7 @@ async def test_a_large_json_body_lands_whole_in_data(
         pytest.param("application/json", big_json(3 * MB)[:-1] + b',"\\ud800"]', id="surrogate"),
         pytest.param("application/json", big_json(3 * MB)[:-1] + b',"\xff"]', id="bad-utf-8"),
         pytest.param("application/json", big_json(3 * MB)[:-2], id="truncated"),
+        pytest.param("application/json", big_json(3 * MB)[:-1] + b",1e999999]", id="huge-number"),
         pytest.param("text/csv", b"a,b\t\\N\r\n" * 400_000, id="csv-with-copy-escapes"),
     ],
 )

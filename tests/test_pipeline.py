@@ -111,6 +111,8 @@ async def test_manual_trigger_over_nats_lands_rows(
         ("application/json", b'{"nul": "a\\u0000b"}'),  # JSON that jsonb cannot hold
         ("application/octet-stream", bytes(range(256))),
         ("application/json", b'{"bad": "\\ud800"}'),  # lone surrogate
+        ("application/json", b'{"n": 1e999999}'),  # valid JSON, a number jsonb cannot hold
+        ("application/json", b'{"n": 1.5e-20000}'),
     ],
 )
 async def test_bodies_that_are_not_storable_json_land_in_body_unaltered(
