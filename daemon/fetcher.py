@@ -406,7 +406,7 @@ class Fetcher:
         deadline = anyio.current_time() + source.total_timeout_s
         while True:
             state = progress.state
-            request = first if state.url is None else next_request(first, state.url)
+            request = first if state.url is None else next_request(first, state.url, source=source)
             try:
                 fetched = await self._fetch(source, command, request, deadline)
             except FetchPermanent as exc:

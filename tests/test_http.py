@@ -406,20 +406,21 @@ async def test_a_lowercase_content_type_header_is_not_doubled(client: httpx.Asyn
 @pytest.mark.parametrize(
     "later", ["https://api.example/q?a=1&page=2", "https://other.example:8443/next?c=%20x"]
 )
+@pytest.mark.parametrize("host", [{}, {"Host": "api.internal"}])
 async def test_a_later_page_is_requested_as_build_request_would(
-    client: httpx.AsyncClient, later: str
+    client: httpx.AsyncClient, later: str, host: dict[str, str]
 ) -> None:
     source = source_config(
         method="POST",
         url="https://api.example/q?a=1",
-        headers={"X-Key": "k", "Accept": "application/json"},
+        headers={"X-Key": "k", "Accept": "application/json", **host},
         body={"d": "{source}"},
         rate_limit="5/s",
         timeout_s=7,
     )
     first = build_request(client, source, window())
     built = build_request(client, source, window(), url=later)
-    made = next_request(first, later)
+    made = next_request(first, later, source=source)
 
     def shape(request: httpx.Request) -> tuple[Any, ...]:
         return (
@@ -431,4 +432,4 @@ async def test_a_later_page_is_requested_as_build_request_would(
         )
 
     assert shape(made) == shape(built)
-    assert made.headers["host"] == httpx.URL(later).netloc.decode()
+    assert made.headers["host"] == host.get("Host", httpx.URL(later).netloc.decode())
