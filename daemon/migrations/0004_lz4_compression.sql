@@ -4,9 +4,10 @@
 -- Only new values are affected; rows already stored keep their compression and stay readable.
 DO $$
 BEGIN
-    ALTER TABLE collected_data ALTER COLUMN data SET COMPRESSION lz4;
-    ALTER TABLE collected_data ALTER COLUMN body SET COMPRESSION lz4;
-EXCEPTION WHEN feature_not_supported THEN
+    -- EXECUTE: parsed when run, so PostgreSQL 13 and older (no SET COMPRESSION) land below.
+    EXECUTE 'ALTER TABLE collected_data ALTER COLUMN data SET COMPRESSION lz4';
+    EXECUTE 'ALTER TABLE collected_data ALTER COLUMN body SET COMPRESSION lz4';
+EXCEPTION WHEN feature_not_supported OR syntax_error THEN
     RAISE NOTICE 'this PostgreSQL has no lz4: collected_data keeps pglz compression';
 END
 $$;
