@@ -62,14 +62,7 @@ async def queue_run(
     now: datetime,
 ) -> CollectCommand:
     """Publish the command for one run; JetStream de-duplicates it by ``run_id``."""
-    command = CollectCommand(
-        run_id=run_id,
-        source=source.name,
-        scheduled_for=scheduled_for,
-        interval_start=source.cron.prev_before(scheduled_for),
-        trigger=trigger,
-        requested_at=now,
-    )
+    command = _command(source, scheduled_for, run_id, trigger, requested_at=now)
     with _tracing.tracer().start_as_current_span(
         f"{trigger} {source.name}",
         context=otel_context.Context(),  # a new trace per run
@@ -89,6 +82,24 @@ async def queue_run(
             run_id=run_id,
         )
     return command
+
+
+def _command(
+    source: SourceConfig,
+    scheduled_for: datetime,
+    run_id: str,
+    trigger: Trigger,
+    *,
+    requested_at: datetime,
+) -> CollectCommand:
+    return CollectCommand(
+        run_id=run_id,
+        source=source.name,
+        scheduled_for=scheduled_for,
+        interval_start=source.cron.prev_before(scheduled_for),
+        trigger=trigger,
+        requested_at=requested_at,
+    )
 
 
 @dataclass(slots=True)
@@ -134,14 +145,7 @@ def prepare_run(
 ) -> PreparedRun:
     """Build a run's command and start its trace at ``due``, ahead of publishing it."""
     subject = bus.subjects.collect(source.name)
-    command = CollectCommand(
-        run_id=run_id,
-        source=source.name,
-        scheduled_for=scheduled_for,
-        interval_start=source.cron.prev_before(scheduled_for),
-        trigger=trigger,
-        requested_at=due,  # replaced when published
-    )
+    command = _command(source, scheduled_for, run_id, trigger, requested_at=due)  # stamped later
     root, producer, headers = _tracing.start_send(
         f"{trigger} {source.name}",
         subject,

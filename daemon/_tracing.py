@@ -326,7 +326,15 @@ def producer_span(
     body_size: int | None = None,
 ) -> AbstractContextManager[Span]:
     """``send <subject>``: the span whose context a published message carries."""
-    attributes = _attributes(
+    attributes = _send_attributes(subject, source, run_id, message_id, body_size)
+    return _span(f"send {subject}", kind=SpanKind.PRODUCER, attributes=attributes)
+
+
+def _send_attributes(
+    subject: str, source: str, run_id: str, message_id: str | None, body_size: int | None
+) -> dict[str, AttributeValue]:
+    """The attributes of a ``send <subject>`` producer span."""
+    return _attributes(
         {
             SYSTEM: MESSAGING_SYSTEM,
             OPERATION_TYPE: "send",
@@ -338,7 +346,6 @@ def producer_span(
             COLETA_RUN_ID: run_id,
         }
     )
-    return _span(f"send {subject}", kind=SpanKind.PRODUCER, attributes=attributes)
 
 
 def consumer_span(
@@ -602,17 +609,7 @@ def start_send(
         attributes=_attributes({COLETA_SOURCE: source, COLETA_RUN_ID: run_id, **root_attributes}),
         start_time=start_ns,
     )
-    attributes = _attributes(
-        {
-            SYSTEM: MESSAGING_SYSTEM,
-            OPERATION_TYPE: "send",
-            OPERATION_NAME: "send",
-            DESTINATION: subject,
-            MESSAGE_ID: run_id,
-            COLETA_SOURCE: source,
-            COLETA_RUN_ID: run_id,
-        }
-    )
+    attributes = _send_attributes(subject, source, run_id, run_id, None)
     producer = tracer().start_span(
         f"send {subject}",
         context=trace.set_span_in_context(root, Context()),
