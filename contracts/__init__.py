@@ -14,6 +14,9 @@ from contracts.payloads import (
 )
 from contracts.service import (
     BACKFILL_LIMIT,
+    HEALTH_SOURCES_LISTED,
+    REPLY_TEXT_LIMIT,
+    STRIP_DAYS,
     BackfillReply,
     BackfillRequest,
     ComponentHealth,
@@ -32,14 +35,20 @@ from contracts.service import (
     RunStatus,
     SourceStatus,
     StatusReply,
+    StatusRequest,
     TriggerReply,
     TriggerRequest,
 )
-from contracts.subjects import DEFAULT_PREFIX, Subjects
+from contracts.state import SourceState
+from contracts.subjects import DEFAULT_PREFIX, ENDPOINTS, Subjects, source_of, subject_token
 
 __all__ = [
     "BACKFILL_LIMIT",
     "DEFAULT_PREFIX",
+    "ENDPOINTS",
+    "HEALTH_SOURCES_LISTED",
+    "REPLY_TEXT_LIMIT",
+    "STRIP_DAYS",
     "BackfillReply",
     "BackfillRequest",
     "CollectCommand",
@@ -65,8 +74,10 @@ __all__ = [
     "RunStatus",
     "RunsReply",
     "RunsRequest",
+    "SourceState",
     "SourceStatus",
     "StatusReply",
+    "StatusRequest",
     "Subjects",
     "Trigger",
     "TriggerReply",
@@ -75,4 +86,6 @@ __all__ = [
     "WireStruct",
     "decoder",
     "encode",
+    "source_of",
+    "subject_token",
 ]

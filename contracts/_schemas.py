@@ -26,9 +26,11 @@ from contracts.service import (
     RunsReply,
     RunsRequest,
     StatusReply,
+    StatusRequest,
     TriggerReply,
     TriggerRequest,
 )
+from contracts.state import SourceState
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
@@ -40,6 +42,7 @@ CONTRACTS: dict[str, Any] = {
     "trigger_reply": TriggerReply,
     "runs_request": RunsRequest,
     "runs_reply": RunsReply,
+    "status_request": StatusRequest,
     "status_reply": StatusReply,
     "health_reply": HealthReply,
     "error_reply": ErrorReply,
@@ -50,6 +53,7 @@ CONTRACTS: dict[str, Any] = {
     "backfill_reply": BackfillReply,
     "run_progress_request": RunProgressRequest,
     "run_progress_reply": RunProgressReply,
+    "source_state": SourceState,
 }
 
 

@@ -28,3 +28,6 @@ class CollectCommand(WireStruct, frozen=True, kw_only=True):
     requested_at: UtcDatetime
     #: Set on a command re-queued from the dead-letter stream: the run starts over.
     replay: int = 0
+    #: Attempts this run already made before the command was set aside (a source busy
+    #: elsewhere): its retry budget goes on counting from there.
+    attempts_done: int = 0

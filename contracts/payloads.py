@@ -38,9 +38,12 @@ class _RunEventBase(WireStruct, frozen=True, kw_only=True, tag_field="kind"):
 
 
 class FetchStarted(_RunEventBase, frozen=True, kw_only=True, tag="started"):
-    """The fetcher took the command and is about to send the request."""
+    """The run is fetching: published only when its outcome is not out within a second (a
+    slow API, a long paginated run) or before its command is handed back for a retry, so
+    ``coleta runs`` shows it ``fetching``. A quick run's outcome carries its times instead."""
 
     started_at: UtcDatetime
+    queued_at: UtcDatetime | None = None
 
 
 class RawPayload(_RunEventBase, frozen=True, kw_only=True, tag="page"):
@@ -65,9 +68,9 @@ class RawPayload(_RunEventBase, frozen=True, kw_only=True, tag="page"):
     #: (bucket ``<prefix>_bodies``) under this name, and ``body`` is empty.
     body_ref: str | None = None
     body_size: int | None = None
-    #: How the writer splits the page into rows: ``page`` (one row; JSON-lines bodies give one
-    #: row per line) or ``record`` (one row per record at ``records_path``). A page that cannot
-    #: be split is stored whole.
+    #: How the writer splits the page into rows: ``page`` (one row) or ``record`` (one row per
+    #: record at ``records_path``, or per line of a JSON-lines body). A page that cannot be
+    #: split is stored whole.
     granularity: Granularity = "page"
     records_path: str | None = None
     #: Rows of this run so far, this page included (None: one row per page).
@@ -80,6 +83,11 @@ class RawPayload(_RunEventBase, frozen=True, kw_only=True, tag="page"):
     etag: str | None = None
     last_modified: str | None = None
     body_sha256: str | None = None
+    #: When the run was queued (its command's ``requested_at``) and this attempt started. A
+    #: quick run publishes no ``FetchStarted``: its outcome carries both, and one write of
+    #: its record has it whole. (Also on ``FetchFailed`` and ``FetchUnchanged``.)
+    queued_at: UtcDatetime | None = None
+    started_at: UtcDatetime | None = None
 
 
 class FetchFailed(_RunEventBase, frozen=True, kw_only=True, tag="failed"):
@@ -91,6 +99,8 @@ class FetchFailed(_RunEventBase, frozen=True, kw_only=True, tag="failed"):
     error: str
     http_status: int | None = None
     url: str | None = None
+    queued_at: UtcDatetime | None = None
+    started_at: UtcDatetime | None = None
 
 
 class FetchUnchanged(_RunEventBase, frozen=True, kw_only=True, tag="unchanged"):
@@ -101,6 +111,8 @@ class FetchUnchanged(_RunEventBase, frozen=True, kw_only=True, tag="unchanged"):
     http_status: int | None = None
     #: Why, for people: ``not modified (HTTP 304)``, ``same body as the last stored run``.
     note: str = ""
+    queued_at: UtcDatetime | None = None
+    started_at: UtcDatetime | None = None
 
 
 class RunMissed(_RunEventBase, frozen=True, kw_only=True, tag="missed"):
@@ -118,6 +130,9 @@ class DeadLetter(WireStruct, frozen=True, kw_only=True):
 
     ``original`` is the message exactly as it was received on ``subject``; replaying publishes it
     there again. A failed run's dead letter holds its collect command, so a replay runs it anew.
+    An original too large to travel inside its dead letter (a NATS message holds 1 MiB by
+    default, and JSON carries bytes as base64) is kept in the object store ``<prefix>_bodies``
+    under ``original_ref`` instead, and ``original`` is empty.
     """
 
     source: str
@@ -127,3 +142,11 @@ class DeadLetter(WireStruct, frozen=True, kw_only=True):
     error_code: str
     error: str
     dead_at: UtcDatetime
+    original_ref: str | None = None
+    original_size: int | None = None
+    #: The original's headers (trace context, message id), so a replay continues its trace.
+    headers: dict[str, str] = {}
+    #: Where the original was on its stream, and how often it had been delivered.
+    stream: str | None = None
+    stream_seq: int | None = None
+    deliveries: int | None = None
