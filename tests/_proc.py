@@ -1,16 +1,71 @@
-"""Daemon processes for tests: ``coleta run`` as a child, its log, and waiting on its events."""
+"""``coleta`` as a user runs it, for tests: commands as child processes (``coleta``), the
+daemon as a child (``spawn``), its log, and waiting on its events or its health."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.test_cli import COLETA
+COLETA = [sys.executable, "-m", "daemon"]
+
+
+def coleta(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COLETA, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env if env is not None else clean_env(),
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+    )
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NATS_URL", "DATABASE_URL", "COLETA_CONFIG", "EXTERNAL_API_URL")
+        and not k.startswith("OTEL_")
+    }
+    env.update(extra)
+    return env
+
+
+def alive(pid: int) -> bool:
+    """Zombies count as dead: here PID 1 may never reap reparented servers."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def wait_healthy(
+    env: dict[str, str], proc: subprocess.Popen[str], log: Path, within_s: float = 60
+) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {proc.returncode}:\n{log.read_text()}")
+        if coleta("health", env=env, timeout=10).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"daemon not healthy after {within_s} s:\n{log.read_text()}")
 
 
 @dataclass

@@ -8,6 +8,7 @@ fails twice before falling through to the next route for that path; every reques
 from __future__ import annotations
 
 import json as jsonlib
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ class Route:
     delay_s: float = 0.0
     #: Serve this route this many times, then fall through to the next one (None: forever).
     times: int | None = None
+    #: Answer only once this is set (a run the test holds until it lets it go).
+    gate: threading.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,22 @@ class Seen:
     body: bytes
 
 
-class LocalAPI:
-    """A scripted HTTP API on a free port of 127.0.0.1."""
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up mid-answer (a timeout, a cancelled run) is what tests provoke:
+    not worth a traceback on the test run's stderr. Anything else still prints one."""
 
-    def __init__(self) -> None:
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
+class LocalAPI:
+    """A scripted HTTP API on a free port of ``host`` (127.0.0.1; on Linux any 127.x.y.z is
+    loopback, so ``LocalAPI("127.0.0.2")`` is another origin on the same machine)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
         self._routes: dict[str, list[Route]] = {}
         self._lock = threading.Lock()
         self.requests: list[Seen] = []
@@ -67,6 +82,8 @@ class LocalAPI:
                 route = api._take(parts.path, seen)
                 if route.delay_s:
                     time.sleep(route.delay_s)
+                if route.gate is not None:
+                    route.gate.wait(timeout=60)
                 self.send_response(route.status)
                 for name, value in route.headers.items():
                     self.send_header(name, value)
@@ -77,7 +94,7 @@ class LocalAPI:
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _serve
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer((host, 0), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -98,7 +115,7 @@ class LocalAPI:
             return route
 
     def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def route(
         self,
@@ -111,6 +128,7 @@ class LocalAPI:
         headers: dict[str, str] | None = None,
         delay_s: float = 0.0,
         times: int | None = None,
+        gate: threading.Event | None = None,
     ) -> None:
         """Add a response for ``path`` (routes for one path are served in order)."""
         hdrs = dict(headers or {})
@@ -121,7 +139,9 @@ class LocalAPI:
             payload = body.encode() if isinstance(body, str) else (body or b"")
             if content_type:
                 hdrs.setdefault("Content-Type", content_type)
-        route = Route(status=status, body=payload, headers=hdrs, delay_s=delay_s, times=times)
+        route = Route(
+            status=status, body=payload, headers=hdrs, delay_s=delay_s, times=times, gate=gate
+        )
         with self._lock:
             self._routes.setdefault(path, []).append(route)
 
@@ -141,6 +161,18 @@ class LocalAPI:
 def api() -> Iterator[LocalAPI]:
     """A fresh local HTTP API for one test."""
     server = LocalAPI()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def other_api() -> Iterator[LocalAPI]:
+    """A second local API on another host (127.0.0.2): another origin, and another host for
+    what coleta keeps per host (pacing, a ``Retry-After`` hold)."""
+    server = LocalAPI("127.0.0.2")
     server.start()
     try:
         yield server

@@ -1,7 +1,7 @@
 """A real NATS JetStream server for the tests, and a per-test namespace on it.
 
 The server comes from, in order: ``COLETA_TEST_NATS_URL``; a testcontainers container when a
-Docker engine answers; the embedded nats-server of ``daemon.embedded``, started once per
+Docker engine answers; the embedded nats-server of ``daemon.platform.embedded``, started once per
 session in a temporary state directory. Tests isolate themselves by naming their subjects,
 streams and buckets after ``bus_prefix``, which is cleaned up after each test.
 """
@@ -16,7 +16,7 @@ import secrets
 import warnings
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 import nats
@@ -24,7 +24,7 @@ import nats.js.errors
 import pytest
 from anyio.from_thread import start_blocking_portal
 
-from daemon.embedded import embedded_nats
+from daemon.platform.embedded import embedded_nats
 
 Source = Literal["env", "container", "embedded"]
 T = TypeVar("T")
@@ -54,14 +54,56 @@ def docker_available() -> bool:
     return True
 
 
+#: ``COLETA_TEST_BACKEND=containers``: the servers must be containers (CI's testcontainers
+#: pass); ``embedded``: the embedded servers even where an engine answers.
+BACKEND_ENV = "COLETA_TEST_BACKEND"
+
+
+class BackendUnavailable(Exception):
+    """The backend asked for cannot give its servers: say so instead of falling back."""
+
+
 def server_source(env_var: str, environ: Mapping[str, str] | None = None) -> Source:
-    """Where a test server comes from: the env variable, else a container, else embedded."""
+    """Where a test server comes from: the env variable, else a container, else embedded —
+    or exactly what ``COLETA_TEST_BACKEND`` asks for."""
     environ = os.environ if environ is None else environ
+    wanted = environ.get(BACKEND_ENV, "")
+    if wanted == "containers":
+        if not docker_available():
+            raise BackendUnavailable(
+                f"{BACKEND_ENV}=containers, but no Docker engine answers at"
+                f" {environ.get('DOCKER_HOST') or 'the default socket'}: start one"
+                " (../shared/containers/engine.sh start, then eval its env) or unset"
+                f" {BACKEND_ENV}"
+            )
+        return "container"
+    if wanted == "embedded":
+        return "embedded"
+    if wanted:
+        raise BackendUnavailable(
+            f"{BACKEND_ENV}={wanted!r}: expected 'containers' or 'embedded' (unset: automatic)"
+        )
     if environ.get(env_var):
         return "env"
     if docker_available():
         return "container"
     return "embedded"
+
+
+@contextlib.contextmanager
+def started_container(container: Any) -> Iterator[Any]:
+    """Start a testcontainers container; a failure says which image and why, once, instead
+    of a traceback per test (and never falls back to another backend)."""
+    try:
+        container.start()
+    except Exception as exc:
+        raise BackendUnavailable(
+            f"cannot start a {container.image} container: {type(exc).__name__}: {exc}"
+        ) from exc
+    try:
+        yield container
+    finally:
+        container.stop()
 
 
 def run_async(fn: Callable[[], Awaitable[T]]) -> T:
@@ -94,7 +136,7 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     elif source == "container":
         from testcontainers.community.nats import NatsContainer
 
-        with NatsContainer(NATS_IMAGE, jetstream=True) as container:
+        with started_container(NatsContainer(NATS_IMAGE, jetstream=True)) as container:
             url = container.nats_uri()
             _chosen.update(url=url, source=source)
             yield url
@@ -102,10 +144,10 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         state_dir = tmp_path_factory.mktemp("embedded-nats")
         with (
             start_blocking_portal("asyncio", name="embedded-nats") as portal,
-            portal.wrap_async_context_manager(embedded_nats(state_dir)) as url,
+            portal.wrap_async_context_manager(embedded_nats(state_dir)) as server,
         ):
-            _chosen.update(url=url, source=source)
-            yield url
+            _chosen.update(url=server.url, source=source)
+            yield server.url_with_password  # it accepts only its own user
 
 
 @pytest.fixture

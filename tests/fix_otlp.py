@@ -1,6 +1,9 @@
-"""Local OTLP receivers for the tests: real HTTP and gRPC servers on throwaway ports.
+"""Telemetry for the tests: in-memory spans and metrics, and local OTLP receivers.
 
-``otlp_http_receiver`` and ``otlp_grpc_receiver`` each give ``(endpoint, received)``: point an
+``spans`` installs a tracer provider whose finished spans an in-memory exporter keeps, and
+``metrics_reader`` an in-memory metric reader; each puts the process's telemetry back after
+the test. ``otlp_http_receiver`` and ``otlp_grpc_receiver`` are real HTTP and gRPC servers on
+throwaway ports, each giving ``(endpoint, received)``: point an
 ``OTEL_EXPORTER_OTLP_*ENDPOINT`` at the endpoint and read the decoded trace and metric export
 requests from ``received``. ``no_otel_env`` removes every ``OTEL_*`` variable for one test.
 """
@@ -16,13 +19,19 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import grpc  # type: ignore[import-untyped]  # grpcio ships no stubs
+import grpc
 import pytest
 from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2,
     metrics_service_pb2_grpc,
 )
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from daemon.platform import meter, tracing
 
 
 @dataclass
@@ -76,6 +85,36 @@ def _strings(attributes: Any) -> dict[str, str]:
 
 def _values(attributes: Any) -> dict[str, Any]:
     return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in attributes}
+
+
+def spans_of_run(exporter: InMemorySpanExporter, run_id: str) -> list[ReadableSpan]:
+    """The finished spans that carry ``coleta.run_id = run_id``."""
+    return [
+        span
+        for span in exporter.get_finished_spans()
+        if (span.attributes or {}).get("coleta.run_id") == run_id
+    ]
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Every span the code under test finishes, kept in memory (no export)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.use_provider(provider)
+    yield exporter
+    tracing._reset_for_tests()
+
+
+@pytest.fixture
+def metrics_reader() -> Iterator[InMemoryMetricReader]:
+    """What the code under test records, read in memory (no export)."""
+    meter._reset_for_tests()
+    reader = InMemoryMetricReader()
+    meter.use_reader(reader)
+    yield reader
+    meter._reset_for_tests()
 
 
 @pytest.fixture
@@ -145,6 +184,7 @@ def otlp_grpc_receiver() -> Iterator[tuple[str, Received]]:
             return metrics_service_pb2.ExportMetricsServiceResponse()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    # The generated gRPC modules carry no annotations.
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), server)  # type: ignore[no-untyped-call]
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")

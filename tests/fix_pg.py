@@ -1,7 +1,7 @@
 """A real PostgreSQL for the tests, and a throwaway schema per test.
 
 The server comes from, in order: ``COLETA_TEST_DATABASE_URL``; a testcontainers container
-when a Docker engine answers; the embedded PostgreSQL of ``daemon.embedded`` (pgserver),
+when a Docker engine answers; the embedded PostgreSQL of ``daemon.platform.embedded`` (pgserver),
 started once per session in a temporary state directory. Each test gets its own schema.
 
 Embedded PostgreSQL state lives outside pytest's temp root: as root, pgserver runs the server
@@ -26,8 +26,8 @@ from anyio.from_thread import start_blocking_portal
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from daemon.embedded import embedded_postgres
-from tests.fix_nats import server_source
+from daemon.platform.embedded import embedded_postgres
+from tests.fix_nats import server_source, started_container
 
 DATABASE_URL_ENV = "COLETA_TEST_DATABASE_URL"
 POSTGRES_IMAGE = "postgres:16-alpine"
@@ -65,7 +65,7 @@ def database_url() -> Iterator[str]:
     elif source == "container":
         from testcontainers.community.postgres import PostgresContainer
 
-        with PostgresContainer(POSTGRES_IMAGE, driver=None) as container:
+        with started_container(PostgresContainer(POSTGRES_IMAGE, driver=None)) as container:
             url = container.get_connection_url(driver=None)
             _chosen.update(url=url, source=source)
             yield url

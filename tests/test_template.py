@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
-from zoneinfo import ZoneInfo
 
 import pytest
 
-from daemon._template import Window, check_template, render, render_value
+from daemon.template import check_template, render, render_value
+from tests._collect import window
 
 KNOWN = "(known: {scheduled_for}, {interval_start}, {interval_end}, {source}, {run_id})"
 
@@ -16,17 +15,6 @@ KNOWN = "(known: {scheduled_for}, {interval_start}, {interval_end}, {source}, {r
 def exactly(message: str) -> str:
     """A ``match`` pattern for exactly this message."""
     return f"^{re.escape(message)}$"
-
-
-def window(tz: str = "UTC") -> Window:
-    """A daily run for the 23:30Z slot of 2026-03-14."""
-    return Window(
-        source="rates",
-        run_id="rates@20260314T233000Z",
-        scheduled_for=datetime(2026, 3, 14, 23, 30, tzinfo=UTC),
-        interval_start=datetime(2026, 3, 13, 23, 30, tzinfo=UTC),
-        tz=ZoneInfo(tz),
-    )
 
 
 def test_scheduled_for_in_utc() -> None:
