@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/coleta.toml
 
-.PHONY: run test lint check-config clean venv bench
+.PHONY: run test lint check-config clean venv bench prometheus-tools
 
 venv: $(VENV)/.installed
 
@@ -19,9 +19,25 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 run: venv
 	$(BIN)/coleta run --config $(CONFIG)
 
-## run the whole test suite
-test: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+## run the whole test suite (TEST_WORKERS processes side by side: the tests mostly wait on
+## servers, so a few workers share two cores well; TEST_WORKERS=0 runs them in one process)
+TEST_WORKERS ?= 3
+test: venv prometheus-tools
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
+
+## the Prometheus tests (tests/ops) scrape the daemon with a real Prometheus and check the alert
+## rules with promtool: Debian's prometheus package has both (no package index has them). As
+## root on Debian or Ubuntu it is installed here; elsewhere this says what to install.
+prometheus-tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "make: installing Debian's prometheus package (prometheus, promtool) for tests/ops"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends prometheus >/dev/null; \
+	else \
+	  echo "make: WARNING: no prometheus/promtool: the Prometheus tests in tests/ops will fail;"\
+	    "install Debian's prometheus package (sudo apt-get install prometheus)"; \
+	fi
 
 ## the benchmark suite (~10 min; BENCH_ARGS="--quick" or "throughput latency" to narrow it)
 bench: venv
