@@ -1,4 +1,5 @@
-"""``python -m bench [--quick] [--runs N] [--profile] [SCENARIO…]``: run, print, write results.
+"""``python -m bench [--quick] [--runs N] [--profile] [--workers N,…] [SCENARIO…]``: run,
+print, write results.
 
 Scenarios: throughput (with the COPY ceiling and the peer), latency, scheduler, memory; none
 named means all. Tables go to stdout and, with the machine and versions, to
@@ -21,7 +22,7 @@ import psycopg
 
 from bench._infra import Services, mock_api, open_services
 from bench._report import Result, machine, package_versions, render_markdown, render_text
-from bench.scenarios import latency, memory, scheduler, throughput
+from bench.scenarios import fanout, latency, memory, scheduler, status, throughput
 from bench.scenarios._common import Context
 
 Scenario = Callable[[Context], Awaitable[Result]]
@@ -31,6 +32,8 @@ SCENARIOS: dict[str, Scenario] = {
     "latency": latency.run,
     "scheduler": scheduler.run,
     "memory": memory.run,
+    "fanout": fanout.run,
+    "status": status.run,
 }
 ALIASES = {"copy": "throughput", "peer": "throughput"}
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -53,8 +56,26 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run the throughput daemon once under cProfile (not counted)",
     )
+    parser.add_argument(
+        "--workers",
+        type=_counts,
+        default=(1,),
+        metavar="N,…",
+        help="throughput and fanout: measure coleta with each of these `coleta run --workers`"
+        " counts, in the same run as their COPY and straightforward comparisons (default 1)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "latest.md")
     return parser
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: worker counts like 1,2,4") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: worker counts like 1,2,4")
+    return counts
 
 
 async def _versions(services: Services) -> dict[str, str]:
@@ -101,6 +122,7 @@ async def _main(args: argparse.Namespace, names: list[str]) -> int:
                     runs=runs,
                     results_dir=out.parent,
                     profile=args.profile,
+                    workers=args.workers,
                 )
                 for name in names:
                     t0 = time.monotonic()

@@ -3,8 +3,8 @@
 Services are picked like the tests pick theirs: ``COLETA_BENCH_NATS_URL`` /
 ``COLETA_BENCH_DATABASE_URL``; else the machine's NATS (127.0.0.1:4222) and PostgreSQL
 (``postgresql://postgres@127.0.0.1:5432/test``) when they answer; else the embedded servers of
-``daemon.embedded``. Every measured run gets its own bus prefix and database schema, removed
-afterwards.
+``daemon.platform.embedded``. Every measured run gets its own bus prefix and database schema,
+removed afterwards.
 
 The daemon runs as a subprocess (``python -m daemon run --config FILE``), as in production: the
 benchmark's own work (triggering, polling) never shares its event loop or GIL, and its CPU time
@@ -92,7 +92,7 @@ def _pg_answers(url: str) -> bool:
 @contextlib.asynccontextmanager
 async def open_services(state_dir: Path) -> AsyncIterator[Services]:
     """The NATS and PostgreSQL to measure against (embedded ones stop on exit)."""
-    from daemon.embedded import embedded_nats, embedded_postgres
+    from daemon.platform.embedded import embedded_nats, embedded_postgres
 
     async with contextlib.AsyncExitStack() as stack:
         if url := os.environ.get(NATS_ENV):
@@ -100,7 +100,8 @@ async def open_services(state_dir: Path) -> AsyncIterator[Services]:
         elif _tcp_open("127.0.0.1", 4222):
             nats_url, nats_from = MACHINE_NATS, "machine"
         else:
-            nats_url = await stack.enter_async_context(embedded_nats(state_dir / "nats"))
+            server = await stack.enter_async_context(embedded_nats(state_dir / "nats"))
+            nats_url = server.url_with_password  # it accepts only its own user
             nats_from = "embedded"
         if url := os.environ.get(DATABASE_ENV):
             database_url, database_from = url, "env"
@@ -252,8 +253,16 @@ class Daemon:
     def pid(self) -> int:
         return self.process.pid
 
+    @property
+    def pids(self) -> list[int]:
+        """The main process and the worker processes it started (``--workers``)."""
+        found = [self.pid]
+        for event in self.log_events("workers.ready"):
+            found += [int(pid) for pid in event.get("pids", {}).values()]
+        return found
+
     def cpu_seconds(self) -> float:
-        return cpu_seconds([self.pid])
+        return cpu_seconds(self.pids)
 
     def peak_rss_mib(self) -> float:
         return proc_status_kib(self.pid, "VmHWM") / 1024
@@ -292,10 +301,12 @@ async def running_daemon(
     *,
     roles: str | None = None,
     wrap: Sequence[str] = (),
+    workers: int | None = None,
 ) -> AsyncIterator[Daemon]:
     """Start the daemon on ``config`` and wait for ``daemon.ready``; SIGTERM it on exit.
 
-    ``wrap`` goes before ``-m daemon`` (``["-m", "cProfile", "-o", "out.prof"]``).
+    ``wrap`` goes before ``-m daemon`` (``["-m", "cProfile", "-o", "out.prof"]``);
+    ``workers`` is ``coleta run --workers`` (the daemon is ready once its workers are).
     """
     workdir = Path(tempfile.mkdtemp(prefix="coleta-bench-"))
     config_path = workdir / "coleta.toml"
@@ -309,6 +320,8 @@ async def running_daemon(
     command = [sys.executable, *wrap, "-m", "daemon", "run", "--config", str(config_path)]
     if roles:
         command += ["--role", roles]
+    if workers is not None:
+        command += ["--workers", str(workers)]
     with log_path.open("wb") as log_file:
         process = await anyio.open_process(
             command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env
@@ -317,7 +330,7 @@ async def running_daemon(
     try:
         with anyio.fail_after(READY_TIMEOUT_S):
             # Polling the log: the daemon says nothing else to us when it is ready.
-            while not _log_has(log_path, b'"daemon.ready"'):
+            while not _main_ready(log_path):
                 if process.returncode is not None:
                     tail = log_path.read_text(errors="replace")[-3000:]
                     raise RuntimeError(f"daemon exited with {process.returncode}:\n{tail}")
@@ -338,11 +351,15 @@ async def running_daemon(
             print(f"warning: daemon exited with {process.returncode}:\n{tail}", file=sys.stderr)
 
 
-def _log_has(path: Path, needle: bytes) -> bool:
+def _main_ready(path: Path) -> bool:
+    """The main process said ``daemon.ready`` (a worker's line, tagged ``worker``, does not
+    count: the main process is ready once its workers are)."""
     try:
-        return needle in path.read_bytes()
+        text = path.read_bytes()
     except FileNotFoundError:
         return False
+    lines = text.splitlines()
+    return any(b'"daemon.ready"' in line and b'"worker":' not in line for line in lines)
 
 
 # --- /proc -------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ Routes (GET only; any header is ignored, any request body skipped):
     pagination: ``has_more`` is false on page ``T``.
 ``/big?mb=M``
     One JSON array of records of about ``M`` MB (built on first request, then cached).
+``/error?mb=M``
+    A ``500`` whose body is ``M`` MB of text: what a client must not read whole.
 ``/stats``
     ``{"requests": n, "cpu_s": process CPU seconds}``, to show what serving cost the mock.
 
@@ -116,6 +118,9 @@ class _Routes:
                 response = _response(page_body(page, pages))
             elif parts.path == "/big":
                 response = _response(big_body(float(query.get("mb", ["50"])[0])))
+            elif parts.path == "/error":
+                size = int(float(query.get("mb", ["300"])[0]) * 1_000_000)
+                response = _response(b"E" * size, "500 Internal Server Error", "text/plain")
             elif parts.path == "/stats":
                 stats = {"requests": _Stats.requests, "cpu_s": time.process_time()}
                 return _response(json.dumps(stats).encode())

@@ -28,6 +28,7 @@ __all__ = [
     "trigger",
     "trigger_many",
     "wait_until",
+    "workers_label",
 ]
 
 #: A schedule that does not fire while a benchmark runs: runs come from triggers.
@@ -43,6 +44,13 @@ class Context:
     runs: int
     results_dir: Path
     profile: bool = False
+    #: ``coleta run --workers`` counts to measure throughput and fan-out with.
+    workers: tuple[int, ...] = (1,)
+
+
+def workers_label(count: int) -> str:
+    """How a measure names the daemon's worker processes."""
+    return "" if count == 1 else f", --workers {count}"
 
 
 def _accepts(extra: dict[str, Any]) -> bool:

@@ -13,6 +13,8 @@ Per run, in one fresh namespace, one after the other on the same servers:
 4. **coleta in two processes** (not the default; shown for sizing): the same collection with
    the writer in a process of its own (``--role writer`` and ``--role ticker,fetcher,service``
    on the same servers), as the README's scale-out section describes.
+5. **coleta with worker processes** (``python -m bench --workers 2,4``; not the default): the
+   same collection by ``coleta run --workers N``, compared with the same run's COPY and peer.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from bench.scenarios._common import (
     trigger,
     trigger_many,
     wait_until,
+    workers_label,
 )
 
 __all__ = ["run"]
@@ -101,6 +104,16 @@ async def run(ctx: Context) -> Result:
     )
     split_copy = result.add(Measure("  two processes / COPY ceiling", "x", digits=3))
     split_peer = result.add(Measure("  two processes / peer", "x", digits=2))
+    more = [w for w in ctx.workers if w > 1]
+    many_pps, many_copy, many_peer, many_cpu = {}, {}, {}, {}
+    for w in more:
+        label = workers_label(w)[2:]
+        many_pps[w] = result.add(Measure(f"coleta, {label}", "pages/s", note="not default"))
+        many_copy[w] = result.add(Measure(f"  {label} / COPY ceiling", "x", digits=3))
+        many_peer[w] = result.add(Measure(f"  {label} / peer", "x", digits=2))
+        many_cpu[w] = result.add(
+            Measure(f"  CPU, all {w + 1} daemon processes", "ms/page", digits=2)
+        )
 
     for _ in range(ctx.runs):
         async with namespace(ctx.services, "tp") as ns:
@@ -126,6 +139,13 @@ async def run(ctx: Context) -> Result:
             split_pps.values.append(total_pages / elapsed)
             split_copy.values.append(split_pps.values[-1] / copy_rps.values[-1])
             split_peer.values.append(split_pps.values[-1] / peer_pps.values[-1])
+        for w in more:
+            async with namespace(ctx.services, "tpw") as ns:
+                elapsed, _, meter = await _coleta(ctx, ns, pages, paged, workers=w)
+                many_pps[w].values.append(total_pages / elapsed)
+                many_copy[w].values.append(many_pps[w].values[-1] / copy_rps.values[-1])
+                many_peer[w].values.append(many_pps[w].values[-1] / peer_pps.values[-1])
+                many_cpu[w].values.append(meter.used["daemon"] / total_pages * 1000)
         if by_record:
             # A quarter of the pages: 100,000 rows in a full run is plenty for a rate.
             record_pages = max(1, pages // 4)
@@ -147,7 +167,8 @@ async def run(ctx: Context) -> Result:
         " writer_batch_size 256, file storage, one run per source at a time); timed from the"
         " first trigger to the last collected_data row committed.",
         "ratios are per run (coleta and its comparison measured back to back), then the median;"
-        " the two-process run comes right after, compared with the same run's COPY and peer.",
+        " the two-process and --workers runs come right after, compared with the same run's"
+        " COPY and peer.",
         "CPU ms/page: process CPU time over the coleta run / pages; postgres sums every backend"
         " (other clients of the same server included).",
     ]
@@ -169,6 +190,7 @@ async def _coleta(
     profile_to: Path | None = None,
     by_record: bool = False,
     split: bool = False,
+    workers: int | None = None,
 ) -> tuple[float, float, CpuMeter]:
     extra = {"granularity": "record", "records_path": "items"} if by_record else {}
     if paged:
@@ -185,9 +207,14 @@ async def _coleta(
             writer = await stack.enter_async_context(running_daemon(config, roles="writer"))
             pids.append(writer.pid)
         daemon = await stack.enter_async_context(
-            running_daemon(config, wrap=wrap, roles="ticker,fetcher,service" if split else None)
+            running_daemon(
+                config,
+                wrap=wrap,
+                roles="ticker,fetcher,service" if split else None,
+                workers=workers,
+            )
         )
-        pids.append(daemon.pid)
+        pids += daemon.pids
         conn = await ns.aconnect()
         nc = await ns.nats()
         try:
