@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,14 @@ def trigger_all(env: dict[str, str]) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+def hold_a_run_in_each_worker(api: LocalAPI, gate: threading.Event) -> None:
+    """Wait until the API holds two requests at once, then let them go. Each process fetches
+    one run at a time, so two held at once are one per worker, whatever the machine's speed
+    (a worker that ends each run before the next trigger could otherwise take them all)."""
+    wait_until(lambda: len(api.hits("/slow")) >= 2, "a run held in each worker")
+    gate.set()
+
+
 def stored(db: psycopg.Connection[Any]) -> int:
     row = db.execute("SELECT count(*) FROM collected_data").fetchone()
     return int(row[0]) if row else 0
@@ -77,7 +86,8 @@ def test_two_workers_share_the_runs_and_stop_with_the_main_process(
     db_schema: str,
     db_conn: psycopg.Connection[Any],
 ) -> None:
-    api.route("/slow", json={"slow": True}, delay_s=0.5)
+    gate = threading.Event()
+    api.route("/slow", json={"slow": True}, gate=gate)
     config = write_config(tmp_path / "coleta.toml", config_text(api, bus_prefix, db_schema))
     # fetch.done is a debug line: which worker fetched each run.
     env = clean_env(
@@ -100,6 +110,7 @@ def test_two_workers_share_the_runs_and_stop_with_the_main_process(
         assert json.loads(health.stdout)["checks"]["workers"] == {"ok": True, "detail": "2 running"}
 
         trigger_all(env)
+        hold_a_run_in_each_worker(api, gate)
         wait_until(lambda: stored(db_conn) == len(SOURCES), "a row per run")
         # Both workers fetched, the main process none; each line says which worker wrote it.
         assert {e.get("worker") for e in events(main, "fetch.done")} == {1, 2}
@@ -142,7 +153,8 @@ def test_a_killed_worker_is_restarted_and_its_run_is_not_lost(
     db_schema: str,
     db_conn: psycopg.Connection[Any],
 ) -> None:
-    api.route("/slow", json={"slow": True}, delay_s=1.0)
+    gate = threading.Event()
+    api.route("/slow", json={"slow": True}, gate=gate)
     # A killed worker's command comes back after ack_wait_s.
     text = config_text(api, bus_prefix, db_schema, "ack_wait_s = 2")
     config = write_config(tmp_path / "coleta.toml", text)
@@ -152,8 +164,9 @@ def test_a_killed_worker_is_restarted_and_its_run_is_not_lost(
         pid = started_pids(main)[0]
         trigger_all(env)
         # Both workers hold a run (one each at a time): worker 1 is killed mid-run.
-        wait_until(lambda: len(api.hits("/slow")) >= 2, "two runs fetching")
+        wait_until(lambda: len(api.hits("/slow")) >= 2, "a run held in each worker")
         os.kill(pid, signal.SIGKILL)
+        gate.set()
 
         main.wait_event("worker.started", count=3)
         (exited,) = events(main, "worker.exited")
@@ -199,7 +212,8 @@ def test_workers_use_the_embedded_nats_server_of_the_main_process(
     db_schema: str,
     db_conn: psycopg.Connection[Any],
 ) -> None:
-    api.route("/slow", json={"slow": True}, delay_s=0.5)
+    gate = threading.Event()
+    api.route("/slow", json={"slow": True}, gate=gate)
     config = write_config(tmp_path / "coleta.toml", config_text(api, bus_prefix, db_schema))
     with server_state_dir("workers") as state:
         env = clean_env(
@@ -213,6 +227,7 @@ def test_workers_use_the_embedded_nats_server_of_the_main_process(
             (embedded,) = events(main, "embedded.started")
             assert "worker" not in embedded  # started by the main process only
             trigger_all(env)
+            hold_a_run_in_each_worker(api, gate)
             wait_until(lambda: stored(db_conn) == len(SOURCES), "a row per run")
             assert {e.get("worker") for e in events(main, "fetch.done")} == {1, 2}
             assert main.stop() == 0
