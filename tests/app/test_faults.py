@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +177,11 @@ async def test_daemon_killed_mid_run_redoes_the_runs_in_flight_once(
     ``embedded``: the no-infrastructure default, where the killed daemon also leaves its
     nats-server and PostgreSQL behind, for the next start to take over (or replace).
     """
-    api.route("/slow", json={"slow": True}, delay_s=1.0)
+    # The first wave (four runs, four at a time) takes a second; every later fetch is held
+    # until the daemon is killed, so the runs in flight are certainly cut off mid-fetch.
+    held = threading.Event()
+    api.route("/slow", json={"slow": True}, delay_s=1.0, times=4)
+    api.route("/slow", json={"slow": True}, gate=held)
     with server_state_dir("fault-kill") as state_dir:
         config = config_toml(
             bus_prefix,
@@ -204,8 +209,7 @@ async def test_daemon_killed_mid_run_redoes_the_runs_in_flight_once(
 
         bus, db = await start()
         run_ids = await trigger(bus, bus_prefix, 8)
-        # Four runs at a time, one second each: kill once the first wave is stored and the
-        # second is being fetched.
+        # Kill once the first wave is stored and the second is held mid-fetch.
         killed = await wait_runs(
             db,
             db_schema,
@@ -213,6 +217,7 @@ async def test_daemon_killed_mid_run_redoes_the_runs_in_flight_once(
             what="the first wave stored, the second in flight",
         )
         assert daemon.kill(signal.SIGKILL) == -signal.SIGKILL
+        held.set()
         assert len(killed.stored()) < len(run_ids)
 
         bus, db = await start()  # same config: the same streams and durable consumers
@@ -233,8 +238,10 @@ PG_OUTAGE_S = 8.0
 #: Longer than a connection is awaited from the pool (30 s): the write fails with
 #: StoreUnavailable, again and again, for as long as the outage lasts.
 PG_LONG_OUTAGE_S = 40.0
-#: How soon after PostgreSQL is back the daemon must be healthy and writing again.
-RESUME_WITHIN_S = 5.0
+#: How soon after PostgreSQL is back the daemon must be healthy and writing again: the pool's
+#: next attempt (at most ~2 s away inside a RECONNECT_ROUND_S round) or the writer's next try of
+#: a held batch (at most 4 s away), with room for a loaded machine. Far below the outage.
+RESUME_WITHIN_S = 10.0
 
 
 @pytest.mark.parametrize(
@@ -396,7 +403,8 @@ async def test_nats_restarted_without_its_store_the_daemon_declares_again(
     """A server back without its JetStream store (no volume, a wiped disk) has no streams and
     no consumers: the daemon declares them again by itself. The run in flight is stored; runs
     only queued in the lost store are gone with it (they stay ``queued`` in PostgreSQL)."""
-    api.route("/slow", json={"slow": True}, delay_s=1.0)
+    held = threading.Event()  # the run in flight answers once the store is gone
+    api.route("/slow", json={"slow": True}, gate=held)
     url = private_nats.url
     settings = make_settings([SLOW | {"url": api.url("/slow")}], nats_url=url)
     async with open_daemon(settings):
@@ -405,6 +413,7 @@ async def test_nats_restarted_without_its_store_the_daemon_declares_again(
         await private_nats.stop(signal.SIGKILL)
         shutil.rmtree(private_nats.store_dir)
         await private_nats.start()
+        held.set()
 
         await wait_runs(database_url, db_schema, stored(in_flight), what="the run in flight")
         after = await eventually(

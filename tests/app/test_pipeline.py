@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -271,7 +272,8 @@ async def test_a_slow_run_shows_fetching_and_a_quick_one_has_every_time_recorded
 ) -> None:
     """A quick run publishes no "started" event (its page carries its times); one still
     fetching after a second is reported, so ``coleta runs`` shows it ``fetching``."""
-    api.route("/slow", json={"slow": True}, delay_s=4)
+    held = threading.Event()  # the slow run answers once the test has seen it fetching
+    api.route("/slow", json={"slow": True}, gate=held)
     api.route("/quick", json={"quick": True})
     settings = make_settings([source(api, "slow", "/slow"), source(api, "quick", "/quick")])
     async with open_daemon(settings):
@@ -282,12 +284,13 @@ async def test_a_slow_run_shows_fetching_and_a_quick_one_has_every_time_recorded
             return row if row and row[0] == "fetching" else None
 
         status, attempts, queued_at, started_at, finished_at = await wait_for(
-            fetching, within_s=3.5, what="the slow run shown fetching"
+            fetching, what="the slow run shown fetching"
         )
         assert (attempts, finished_at) == (1, None)
         assert queued_at <= started_at
         quick = msgspec.json.decode((await request_reply("trigger", b"quick")).data)["run_id"]
         await wait_for(lambda: run_status(db_conn, quick) == "stored", what="the quick run")
+        held.set()
         await wait_for(lambda: run_status(db_conn, slow) == "stored", what="the slow run")
     for run_id in (slow, quick):
         status, attempts, queued_at, started_at, finished_at = _times(db_conn, run_id) or ()

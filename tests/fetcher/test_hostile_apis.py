@@ -111,7 +111,9 @@ async def test_a_retrying_source_does_not_delay_another(
 ) -> None:
     """The retry waits outside the only fetch slot. The other source is on another host: a
     503's Retry-After holds its own host for every source (that wait is by design)."""
-    api.route("/busy", status=503, headers={"Retry-After": "3"}, times=1)
+    # The quick run has the Retry-After (6 s) to be triggered, fetched and stored: room for a
+    # loaded machine; a retry that waited in the slot would hold it that long.
+    api.route("/busy", status=503, headers={"Retry-After": "6"}, times=1)
     api.route("/busy", json={"finally": True})
     other_api.route("/quick", json={"quick": True})
     settings = make_settings(

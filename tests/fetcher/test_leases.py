@@ -4,6 +4,7 @@ waited for), taken again by the next run of the source in one compare-and-set.""
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 import nats
@@ -46,12 +47,16 @@ async def test_each_run_takes_the_lease_and_leaves_it_free(
     nats_url: str,
     bus_prefix: str,
 ) -> None:
-    api.route("/leased", json={"ok": True}, delay_s=1.0)
+    # Each run's answer is held until the test has read the lease it holds.
+    gates = [threading.Event() for _ in range(3)]
+    for gate in gates:
+        api.route("/leased", json={"ok": True}, gate=gate, times=1)
     async with open_daemon(make_settings([source(api, "leased", "/leased")])):
-        for i in range(3):
+        for i, gate in enumerate(gates):
             run_id = await trigger(request_reply, "leased")
             await wait_for(functools.partial(fetching, api, i), what="the run fetching")
             assert await lease_holder(nats_url, bus_prefix, "leased") == run_id
+            gate.set()
             done = await wait_for(functools.partial(finished, db_conn, run_id), what="the run")
             assert done["status"] == "stored"
             held = await eventually(

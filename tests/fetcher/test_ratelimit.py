@@ -108,9 +108,11 @@ async def test_sources_on_one_host_share_its_rate_limit(
     arrivals = sorted(timed.arrivals)
     assert len(arrivals) == 10
     assert took >= 1.75, took
-    # No more than 5 requests in any 1-second window (20 ms allowed for arrival jitter).
+    # No more than 5 requests in any 1-second window. Arrivals are stamped by the API's thread,
+    # which shares the GIL with the daemon: 100 ms are allowed for a stamp taken late on a busy
+    # machine (a 6/s pace would still fail, at 0.83 s).
     assert all(
-        later - earlier >= 0.98 for earlier, later in zip(arrivals, arrivals[5:], strict=False)
+        later - earlier >= 0.9 for earlier, later in zip(arrivals, arrivals[5:], strict=False)
     )
 
 

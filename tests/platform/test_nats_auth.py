@@ -23,6 +23,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -604,7 +605,8 @@ async def test_ops_authorization_gives_each_role_only_its_rights(
     api.route("/secured", json={"roles": True})
     api.route("/big", json={"blob": "x" * (1536 * 1024)})
     api.route("/gone", status=404, json={"error": "gone"})
-    api.route("/slow", json={"slow": True}, delay_s=1.0)
+    held = threading.Event()  # the first slow run answers once the second is deferred
+    api.route("/slow", json={"slow": True}, gate=held)
     daemon = role_auth(ops_nats, "daemon")
     settings = make_settings(
         [
@@ -662,10 +664,15 @@ async def test_ops_authorization_gives_each_role_only_its_rights(
             slow, errors = await ask(ops_nats, "operator", "coleta.trigger", body)
             assert slow is not None, errors
             run_ids.append(slow["run_id"])
+            await wait_for(lambda: api.hits("/slow"), what="the first slow run fetching")
+        await wait_for(
+            lambda: "fetch.deferred" in [record.getMessage() for record in caplog.records],
+            what="the second slow run deferred",
+        )
+        held.set()
         for run_id in run_ids:
             row = await wait_for(functools.partial(finished, db_conn, run_id), what=run_id)
             assert row["status"] == "stored"
-        assert "fetch.deferred" in [record.getMessage() for record in caplog.records]
 
         # Neither CLI role can publish where the daemon does.
         _, errors = await ask(ops_nats, "operator", "coleta.collect.secured", b"{}")
