@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tests.fix_nats import BackendUnavailable, docker_available, server_source
@@ -27,3 +31,19 @@ def test_an_unknown_backend_is_named() -> None:
 
 def test_embedded_asked_for_is_embedded_even_with_a_url_set() -> None:
     assert server_source("X", {"COLETA_TEST_BACKEND": "embedded", "X": "nats://h:1"}) == "embedded"
+
+
+def test_backend_only_keeps_exactly_the_tests_that_use_a_backend_server() -> None:
+    """The second and third CI passes run with --backend-only: a test reaching NATS or
+    PostgreSQL through a fixture must stay in them, one that reaches neither must not."""
+    collect = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    files = ["tests/test_ids.py", "tests/app/test_shutdown.py"]
+    root = Path(__file__).parents[1]
+    every = subprocess.run([*collect, *files], cwd=root, capture_output=True, text=True, check=True)
+    only = subprocess.run(
+        [*collect, "--backend-only", *files], cwd=root, capture_output=True, text=True, check=True
+    )
+    kept = [line for line in only.stdout.splitlines() if "::" in line]
+    assert kept == [line for line in every.stdout.splitlines() if "test_shutdown.py::" in line]
+    assert len(kept) == 2
+    assert any("test_ids.py::" in line for line in every.stdout.splitlines())
