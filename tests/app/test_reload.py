@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from tests._collect import source
 from tests._proc import clean_env, coleta, spawn, wait_healthy, write_config
 from tests.fix_http import LocalAPI
@@ -28,9 +30,18 @@ def names(env: dict[str, str]) -> list[str]:
 
 
 def scheduled_runs(env: dict[str, str], name: str) -> int:
+    """What ``coleta runs`` shows: the source's runs started by its schedule."""
     runs = coleta("runs", name, "--limit", "1000", "--json", env=env)
     assert runs.returncode == 0, runs.stderr
     return sum(run["trigger"] == "schedule" for run in json.loads(runs.stdout)["runs"])
+
+
+def runs_in_db(db: psycopg.Connection[Any], name: str) -> int:
+    """The same count, read from PostgreSQL: cheap enough to wait on (a ``coleta`` process per
+    look is most of a CPU second)."""
+    query = "SELECT count(*) FROM collection_runs WHERE source = %s AND trigger = 'schedule'"
+    row = db.execute(query, (name,)).fetchone()
+    return int(row[0]) if row else 0
 
 
 def wait_until(check: Callable[[], bool], within_s: float = 10) -> None:
@@ -49,6 +60,7 @@ def test_sighup_applies_a_valid_config_and_keeps_the_old_on_an_invalid_one(
     database_url: str,
     bus_prefix: str,
     db_schema: str,
+    db_conn: psycopg.Connection[Any],
 ) -> None:
     api.route("/r", json={"ok": True})
     head = f'bus_prefix = "{bus_prefix}"\ndatabase_schema = "{db_schema}"\n'
@@ -62,7 +74,8 @@ def test_sighup_applies_a_valid_config_and_keeps_the_old_on_an_invalid_one(
     with spawn(env, tmp_path / "daemon.log") as daemon:
         wait_healthy(env, daemon.proc, daemon.log)
         assert names(env) == ["kept", "removed"]
-        wait_until(lambda: scheduled_runs(env, "removed") >= 1)
+        wait_until(lambda: runs_in_db(db_conn, "removed") >= 1)
+        assert scheduled_runs(env, "removed") >= 1
 
         # Valid: one source removed, one added (ticking every second), one kept.
         write_config(
@@ -82,7 +95,8 @@ def test_sighup_applies_a_valid_config_and_keeps_the_old_on_an_invalid_one(
         )
         assert names(env) == ["kept", "added"]
         # The ticker re-planned: the new source ticks, the removed one no more.
-        wait_until(lambda: scheduled_runs(env, "added") >= 2)
+        wait_until(lambda: runs_in_db(db_conn, "added") >= 2)
+        assert scheduled_runs(env, "added") >= 2
         assert coleta("trigger", "added", "--wait", "--wait-timeout", "15", env=env).returncode == 0
         gone = coleta("trigger", "removed", env=env)
         assert gone.returncode == 1
