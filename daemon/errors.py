@@ -36,13 +36,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import msgspec
 import nats.errors
-import psycopg
+
+if TYPE_CHECKING:
+    import psycopg
 
 __all__ = [
     "EXIT_CONFIG",
@@ -253,7 +257,10 @@ def classify(exc: BaseException) -> ColetaError:
         return from_httpx(exc, source="", url="")
     if isinstance(exc, nats.errors.Error):
         return from_nats(exc, "NATS")
-    if isinstance(exc, psycopg.Error):
+    # psycopg is imported by the code that talks to PostgreSQL, not by the CLI's commands (a
+    # seventh of each one's start): until it is, no exception can be one of its.
+    pg = sys.modules.get("psycopg")
+    if pg is not None and isinstance(exc, pg.Error):
         return from_psycopg(exc)
     if isinstance(exc, RecursionError):
         return PermanentError(f"nested too deeply to process ({_text(exc)})", code="too_deep")
@@ -380,6 +387,8 @@ def from_psycopg(exc: psycopg.Error) -> StoreUnavailable | StoreRejected:
     answers about the data itself, such as an index row too large (54000), which no retry
     can fix.
     """
+    import psycopg  # loaded already: exc is one of its errors
+
     sqlstate = exc.sqlstate
     detail = _text(exc)
     if sqlstate is None:
@@ -394,6 +403,8 @@ def from_psycopg(exc: psycopg.Error) -> StoreUnavailable | StoreRejected:
 @contextlib.contextmanager
 def psycopg_errors() -> Iterator[None]:
     """Around a psycopg (or pool) call: what it raises leaves as ``from_psycopg(exc)``."""
+    import psycopg  # its caller holds a psycopg connection or pool: loaded already
+
     try:
         yield
     except psycopg.Error as exc:

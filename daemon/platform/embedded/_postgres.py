@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
-import psycopg
 
 from daemon.errors import EmbeddedServerError
 from daemon.platform.embedded._files import (
@@ -108,6 +107,10 @@ def _confine_postgres(server: PostgresServer, pgdata: Path, above: dict[Path, in
     is closed again: ``above`` holds the modes of the directories above the state directory
     before it started. A failure stops the server: it must not run reachable.
     """
+    # Here, not at the top: the CLI's commands import this package (read_state_urls) and need
+    # no PostgreSQL client.
+    import psycopg
+
     try:
         with psycopg.connect(server.get_uri(), autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET unix_socket_permissions = '0700'")
