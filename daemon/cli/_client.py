@@ -130,14 +130,16 @@ async def _connect(url: str, timeout_s: float, auth: NatsAuth) -> AsyncIterator[
     Such attempts are made again until ``timeout_s``, so the refusal's reason is what the user
     reads; a server that is down still fails at once."""
     deadline = anyio.current_time() + timeout_s
+    seen: Exception | None = None  # what nats-py last reported, over all attempts
     while True:
         nc = AuthClient(url, auth)  # ConfigError (exit 2) for a credential file it cannot use
         reset = False
 
         async def quiet(exc: Exception) -> None:
             """nats-py prints every connection error with a traceback unless told otherwise."""
-            nonlocal reset
+            nonlocal reset, seen
             reset = reset or isinstance(exc, ConnectionResetError)
+            seen = exc
 
         try:
             with anyio.fail_after(max(deadline - anyio.current_time(), 0.0)):
@@ -156,9 +158,14 @@ async def _connect(url: str, timeout_s: float, auth: NatsAuth) -> AsyncIterator[
             if not isinstance(exc, Exception):
                 raise  # Ctrl-C
             if isinstance(exc, TimeoutError):
+                # Cut short by our deadline: the error nats-py last reported says more.
+                why = (
+                    f"{seen or type(seen).__name__} (gave up after {timeout_s:g} s)"
+                    if seen
+                    else f"no answer within {timeout_s:g} s"
+                )
                 raise ClientFailure(
-                    f"cannot reach NATS at {shown_url(url)}: no answer within {timeout_s:g} s",
-                    EXIT_UNREACHABLE,
+                    f"cannot reach NATS at {shown_url(url)}: {why}", EXIT_UNREACHABLE
                 ) from None
             if reset and anyio.current_time() + _RESET_WAIT_S < deadline:
                 await anyio.sleep(_RESET_WAIT_S)

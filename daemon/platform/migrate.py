@@ -164,16 +164,23 @@ def _plural(noun: str, items: list[str]) -> str:
 async def wait_and_migrate(url: str, schema: str, timeout_s: float) -> None:
     """Connect (retrying until ``timeout_s``: the server may be starting) and migrate.
 
-    Past ``timeout_s``: ``StoreUnavailable`` naming the server and the last error. Waiting for
-    the migrations lock has no deadline (another replica is migrating), but a cancelled caller
-    stops it at once (``_migrate``).
+    Past ``timeout_s``: ``StoreUnavailable`` naming the server and the last error PostgreSQL
+    (or the network) gave. A last attempt cut short by the deadline does not hide it: "no
+    answer" only when no attempt got one. Waiting for the migrations lock has no deadline
+    (another replica is migrating), but a cancelled caller stops it at once (``_migrate``).
     """
     where = f"PostgreSQL at {redact_text(url)}"
     deadline = anyio.current_time() + timeout_s
+    last_error: psycopg.Error | None = None
 
     async def attempt() -> psycopg.AsyncConnection[Any]:
-        with anyio.fail_after(max(deadline - anyio.current_time(), 0.0)):
-            return await psycopg.AsyncConnection.connect(url, connect_timeout=5)
+        nonlocal last_error
+        try:
+            with anyio.fail_after(max(deadline - anyio.current_time(), 0.0)):
+                return await psycopg.AsyncConnection.connect(url, connect_timeout=5)
+        except psycopg.Error as exc:
+            last_error = exc
+            raise
 
     def retrying(failed: Retrying) -> None:
         error = _error(failed.error)
@@ -194,7 +201,7 @@ async def wait_and_migrate(url: str, schema: str, timeout_s: float) -> None:
         )
     except (psycopg.OperationalError, TimeoutError) as exc:
         raise StoreUnavailable(
-            f"cannot reach {where} within {timeout_s:g} s: {_error(exc)}"
+            f"cannot reach {where} within {timeout_s:g} s: {_error(last_error or exc)}"
         ) from exc
     async with conn:
         phase.waiting_for(
