@@ -22,22 +22,19 @@ import errno
 import os
 import threading
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from typing import TYPE_CHECKING
 
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.environment_variables import (
     OTEL_EXPORTER_PROMETHEUS_HOST,
     OTEL_EXPORTER_PROMETHEUS_PORT,
 )
-from prometheus_client import (
-    CollectorRegistry,
-    GCCollector,
-    PlatformCollector,
-    ProcessCollector,
-    start_http_server,
-)
 
 from daemon.errors import ConfigError
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "Endpoint", "address_from_env", "open_endpoint"]
 
@@ -95,6 +92,17 @@ def open_endpoint() -> Endpoint:
     An address that cannot be bound (taken, not on this machine, not resolvable) is a
     ``ConfigError`` naming the variable and the address: the daemon exits 2 at start-up.
     """
+    # Imported here: the exporter and prometheus_client cost every process (each worker,
+    # each CLI command) about 0.15 s to import, and most never serve /metrics.
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import (
+        CollectorRegistry,
+        GCCollector,
+        PlatformCollector,
+        ProcessCollector,
+        start_http_server,
+    )
+
     host, port = address_from_env()
     registry = CollectorRegistry()
     for collector in (ProcessCollector, PlatformCollector, GCCollector):
