@@ -8,6 +8,7 @@ its ``__all__`` names them, and each module keeps its own.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import pkgutil
 import types
 
@@ -78,3 +79,9 @@ def test_the_platform_names_each_of_its_modules() -> None:
 def test_daemon_hands_on_its_version_only() -> None:
     assert daemon.__all__ == ["__version__"]
     assert contracts.__all__  # the bus's messages, checked with the others above
+
+
+def test_the_installed_package_has_the_version_the_code_reports() -> None:
+    # pyproject.toml reads the version from daemon/__init__.py: pip, the User-Agent, the
+    # service's status and `coleta --version` all say the same.
+    assert importlib.metadata.version("coleta") == daemon.__version__
