@@ -21,9 +21,12 @@ run: venv
 
 ## run the whole test suite (TEST_WORKERS processes side by side: the tests mostly wait on
 ## servers, so a few workers share two cores well; TEST_WORKERS=0 runs them in one process)
+## Bytecode may be cached while testing even where PYTHONDONTWRITEBYTECODE is set: the suite
+## starts hundreds of coleta processes, and each would compile coleta's modules anew (a third
+## of a daemon's start-up CPU).
 TEST_WORKERS ?= 3
 test: venv prometheus-tools
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 ## the Prometheus tests (tests/ops) scrape the daemon with a real Prometheus and check the alert
 ## rules with promtool: Debian's prometheus package has both (no package index has them). As
