@@ -43,6 +43,7 @@ import anyio
 from daemon import __version__
 from daemon.cli._client import ClientFailure, client_server, open_request
 from daemon.cli._commands import COMMANDS, EXIT_OK
+from daemon.cli._stdio import never_drop_output
 from daemon.errors import EXIT_UNREACHABLE, ColetaError, FatalError, TransientError
 from daemon.settings import (
     ROLES,
@@ -202,6 +203,7 @@ def _error(message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    never_drop_output()
     args = _parser().parse_args(argv)
     running = False  # once `coleta run` has set up its JSON log, errors go there
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -553,3 +554,40 @@ def test_a_reader_that_goes_away_is_no_traceback() -> None:
     finally:
         os.close(write)
     assert (result.returncode, result.stderr) == (141, "")
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_output_stopped_and_resumed_arrives_whole(tmp_path: Path, unbuffered: str) -> None:
+    """`coleta … | jq`, suspended and resumed (Ctrl-Z and fg, a profiler attaching) while the
+    pipe is full: every byte arrives. Under PYTHONUNBUFFERED=1, which the Containerfile sets,
+    Python dropped the rest of a write that a signal cut short, and said nothing (exit 0)."""
+    names = [f"source_{i:04d}_{'x' * 60}" for i in range(6000)]
+    config = tmp_path / "many.toml"
+    config.write_text(
+        "".join(
+            f'[[sources]]\nname = "{name}"\nurl = "http://127.0.0.1:9/x"\nschedule = "0 6 * * *"\n'
+            for name in names
+        )
+    )
+    expected = f"{config}: ok ({len(names)} sources: {', '.join(names)})\n".encode()
+    assert len(expected) > 4 * 65536  # several times what a pipe holds
+    with subprocess.Popen(
+        [*COLETA, "check-config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(PYTHONUNBUFFERED=unbuffered),
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        received = bytearray()
+        # Read slowly, stopping and resuming the writer until it is done.
+        while chunk := os.read(proc.stdout.fileno(), 4096):
+            received += chunk
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGSTOP)
+                time.sleep(0.001)
+                proc.send_signal(signal.SIGCONT)
+        assert proc.wait(timeout=60) == 0
+        assert proc.stderr.read() == b""
+    assert len(received) == len(expected)
+    assert bytes(received) == expected
