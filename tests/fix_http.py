@@ -8,12 +8,14 @@ fails twice before falling through to the next route for that path; every reques
 from __future__ import annotations
 
 import json as jsonlib
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -55,8 +57,10 @@ class LocalAPI:
     """A scripted HTTP API on a free port of ``host`` (127.0.0.1; on Linux any 127.x.y.z is
     loopback, so ``LocalAPI("127.0.0.2")`` is another origin on the same machine)."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: a certificate and its key, to answer on https:// instead."""
         self.host = host
+        self.scheme = "https" if tls else "http"
         self._routes: dict[str, list[Route]] = {}
         self._lock = threading.Lock()
         self.requests: list[Seen] = []
@@ -97,6 +101,10 @@ class LocalAPI:
         self._server = _QuietServer((host, 0), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def _take(self, path: str, seen: Seen) -> Route:
@@ -115,7 +123,7 @@ class LocalAPI:
             return route
 
     def url(self, path: str = "/") -> str:
-        return f"http://{self.host}:{self.port}{path}"
+        return f"{self.scheme}://{self.host}:{self.port}{path}"
 
     def route(
         self,

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Self
 
@@ -34,7 +36,7 @@ import httpx
 import yarl
 from httpx._utils import get_environment_proxies  # the exact rules httpx applies itself
 
-__all__ = ["AiohttpTransport", "environment_proxy_mounts"]
+__all__ = ["AiohttpTransport", "environment_proxy_mounts", "tls_context"]
 
 #: httpcore accepts a response head of up to 100 KiB; let a single line or header use all of it.
 MAX_HEAD_LINE = 100 * 1024
@@ -43,6 +45,22 @@ MAX_HEADERS = 256
 #: httpx always sets these itself; aiohttp must not add them when a request drops one.
 _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 DEFAULT_LIMITS = httpx.Limits()
+
+
+def tls_context() -> ssl.SSLContext:
+    """The certificates httpx would trust: certifi's, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``.
+
+    One context per process and setting, shared by every client: loading a CA bundle takes
+    tens of milliseconds, and every daemon start (each worker, each reload) opens a client.
+    """
+    return _tls_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@functools.lru_cache(maxsize=4)
+def _tls_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    context = httpx.create_ssl_context()  # reads the same two variables
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -58,9 +76,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         slots = limits.max_connections
         self._slots = asyncio.Semaphore(slots) if slots else None
         self._session: aiohttp.ClientSession | None = None
-        # Built here, not on the first request (loading the CA bundle takes tens of ms).
-        self._ssl = httpx.create_ssl_context()  # certifi, or SSL_CERT_FILE/DIR, as httpx
-        self._ssl.set_alpn_protocols(["http/1.1"])
+        self._ssl = tls_context()
 
     async def __aenter__(self) -> Self:
         if self._session is None:

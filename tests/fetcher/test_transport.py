@@ -17,6 +17,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import brotli
@@ -27,7 +28,8 @@ from daemon import __version__
 from daemon.errors import FetchPermanent, FetchTransient
 from daemon.fetcher._client import open_client
 from daemon.fetcher._send import Fetched, send
-from daemon.fetcher._transport import AiohttpTransport, _translate
+from daemon.fetcher._transport import AiohttpTransport, _translate, tls_context
+from tests._natsauth import make_pki
 from tests.fix_http import LocalAPI
 
 pytestmark = pytest.mark.anyio
@@ -444,3 +446,28 @@ async def test_the_transport_closes_its_session_with_the_client(
         assert session is not None
         assert not session.closed
     assert session.closed
+
+
+async def test_https_trusts_the_ca_that_ssl_cert_file_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An API behind a private CA is refused, then trusted once SSL_CERT_FILE names the CA
+    (as httpx reads it): clients share one TLS context per setting, never a stale one."""
+    pki = make_pki(tmp_path)
+    api = LocalAPI(tls=(pki.server_cert, pki.server_key))
+    api.route("/rates", json={"eur": 1})
+    api.start()
+    try:
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+        async with open_client() as client:
+            with pytest.raises(httpx.ConnectError, match="certificate verify failed"):
+                await client.get(api.url("/rates"))
+        monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
+        for _ in range(2):  # the second client reuses the first one's context
+            async with open_client() as client:
+                response = await client.get(api.url("/rates"))
+            assert response.json() == {"eur": 1}
+        assert tls_context() is tls_context()
+    finally:
+        api.stop()
