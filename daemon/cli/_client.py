@@ -160,7 +160,7 @@ async def _connect(url: str, timeout_s: float, auth: NatsAuth) -> AsyncIterator[
             if isinstance(exc, TimeoutError):
                 # Cut short by our deadline: the error nats-py last reported says more.
                 why = (
-                    f"{seen or type(seen).__name__} (gave up after {timeout_s:g} s)"
+                    f"{str(seen) or type(seen).__name__} (gave up after {timeout_s:g} s)"
                     if seen
                     else f"no answer within {timeout_s:g} s"
                 )

@@ -92,8 +92,8 @@ def open_endpoint() -> Endpoint:
     An address that cannot be bound (taken, not on this machine, not resolvable) is a
     ``ConfigError`` naming the variable and the address: the daemon exits 2 at start-up.
     """
-    # Imported here: the exporter and prometheus_client cost every process (each worker,
-    # each CLI command) about 0.15 s to import, and most never serve /metrics.
+    # Imported here: the exporter and prometheus_client cost every daemon process (each
+    # worker too) about 0.15 s to import, and most never serve /metrics.
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from prometheus_client import (
         CollectorRegistry,
