@@ -23,6 +23,7 @@ from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, Ob
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 
+from daemon import __version__
 from daemon.errors import ConfigError
 from daemon.platform import prometheus, tracing
 from daemon.platform.logs import get_logger
@@ -203,7 +204,7 @@ _state = _State()
 
 
 # -- provider lifecycle --------------------------------------------------------------------
-def setup_metrics(service_name: str = "coleta", version: str = "0.1.0") -> None:
+def setup_metrics(service_name: str = "coleta", version: str = __version__) -> None:
     """Build the SDK meter provider from the standard ``OTEL_*`` variables; idempotent.
 
     Resource as for traces (``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` win). The

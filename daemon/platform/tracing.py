@@ -40,6 +40,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.trace import Link, Span, Status
 from opentelemetry.util.types import AttributeValue
 
+from daemon import __version__
 from daemon.platform.redact import redact_text
 
 __all__ = [
@@ -119,7 +120,7 @@ class _State:
 _state = _State()
 
 
-def setup_tracing(service_name: str = "coleta", version: str = "0.1.0") -> None:
+def setup_tracing(service_name: str = "coleta", version: str = __version__) -> None:
     """Build the SDK provider from the standard ``OTEL_*`` variables; idempotent.
 
     ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES`` win over the arguments, which are
@@ -220,7 +221,7 @@ def tracer() -> trace.Tracer:
         return cached[1]
     with _state.lock:
         if _state.provider is None:
-            _state.provider = TracerProvider(resource=_resource("coleta", "0.1.0"))
+            _state.provider = TracerProvider(resource=_resource("coleta", __version__))
         provider = _state.provider
         # Cached because the SDK's get_tracer edits the global warning filters on every
         # call (and costs ~10 us); keyed by provider so use_provider takes effect at once.
@@ -228,7 +229,7 @@ def tracer() -> trace.Tracer:
         return _state.tracer[1]
 
 
-def resource(service_name: str = "coleta", version: str = "0.1.0") -> Resource:
+def resource(service_name: str = "coleta", version: str = __version__) -> Resource:
     """Environment resource, with our name and version as defaults only (metrics use it too)."""
     return _resource(service_name, version)
 
